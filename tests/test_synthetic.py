@@ -1,0 +1,193 @@
+"""Synthetic BraTS-PED cases: geometry, layout, labels and contrasts match the real data's."""
+
+from __future__ import annotations
+
+import re
+
+import fire
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from scripts.prepare_datalist import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER
+from scripts.synthetic import BRATS_AFFINE, BRATS_SHAPE, generate_dataset, grid_affine, main, make_case, write_case
+from tests.conftest import SMALL_SHAPE
+
+TINY_SHAPE = (32, 32, 20)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    """A few small cases with enhancing tumour, made once for the content tests."""
+    return [make_case(seed, SMALL_SHAPE, with_et=True) for seed in range(4)]
+
+
+def brain_of(images: dict[str, np.ndarray]) -> np.ndarray:
+    return images["t1n"] > 0
+
+
+def test_brats_grid_affine_is_the_challenge_one():
+    expected = np.array([[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(grid_affine(BRATS_SHAPE), expected)
+    assert nib.aff2axcodes(BRATS_AFFINE) == ("L", "P", "S")
+
+
+def test_small_grid_keeps_field_of_view_and_spacing():
+    affine = grid_affine(SMALL_SHAPE)
+    np.testing.assert_allclose(nib.affines.voxel_sizes(affine), [3.75, 3.75, 3.875])
+    for corner_small, corner_full in [(-0.5, -0.5), (np.array(SMALL_SHAPE) - 0.5, np.array(BRATS_SHAPE) - 0.5)]:
+        np.testing.assert_allclose(
+            nib.affines.apply_affine(affine, np.broadcast_to(corner_small, 3)),
+            nib.affines.apply_affine(BRATS_AFFINE, np.broadcast_to(corner_full, 3)),
+        )
+
+
+def test_case_arrays_have_grid_shape_and_types(cases):
+    images, seg, affine = cases[0]
+    assert list(images) == list(MODALITIES)
+    assert all(image.shape == SMALL_SHAPE and image.dtype == np.float32 for image in images.values())
+    assert seg.shape == SMALL_SHAPE and seg.dtype == np.uint8
+    np.testing.assert_array_equal(affine, grid_affine(SMALL_SHAPE))
+
+
+def test_zero_exactly_outside_the_brain_and_positive_inside(cases):
+    for images, seg, _ in cases:
+        brain = brain_of(images)
+        assert 0.05 < brain.mean() < 0.4
+        for image in images.values():
+            np.testing.assert_array_equal(image > 0, brain)
+            assert np.all(image[~brain] == 0)
+        assert not np.any(seg[~brain])
+
+
+def test_labels_are_2023_values_with_nested_regions(cases):
+    for images, seg, _ in cases:
+        assert set(np.unique(seg)) == {0, 1, 2, 3}
+        brain = brain_of(images)
+        core = (seg == 1) | (seg == 3)
+        # Every core voxel's in-brain neighbours are tumour: the core sits inside an edema shell.
+        assert not np.any(ndimage.binary_dilation(core) & brain & (seg == 0))
+        assert np.count_nonzero(seg == 2) > np.count_nonzero(core) / 4
+
+
+def test_enhancing_tumour_can_be_forced_off_or_on():
+    for seed in range(3):
+        _, seg_without, _ = make_case(seed, TINY_SHAPE, with_et=False)
+        _, seg_with, _ = make_case(seed, TINY_SHAPE, with_et=True)
+        assert not np.any(seg_without == 3) and np.any(seg_without == 1) and np.any(seg_without == 2)
+        assert np.any(seg_with == 3)
+
+
+def test_some_cases_lack_enhancing_tumour_by_default():
+    has_et = [np.any(make_case(seed, TINY_SHAPE)[1] == 3) for seed in range(40)]
+    assert 1 <= has_et.count(False) <= 12
+
+
+def test_sub_region_contrasts(cases):
+    for images, seg, _ in cases:
+        normal = brain_of(images) & (seg == 0)
+        edema, ncr, et = seg == 2, seg == 1, seg == 3
+        t1c, t1n, t2f, t2w = (images[modality] for modality in ("t1c", "t1n", "t2f", "t2w"))
+        assert t2f[edema].mean() > 1.2 * t2f[normal].mean()
+        assert t2w[edema].mean() > t2w[normal].mean()
+        assert t1c[et].mean() > 1.5 * t1c[ncr].mean()
+        assert t1c[et].mean() > t1c[normal].mean()
+        assert t1n[ncr].mean() < t1n[normal].mean()
+        assert t2w[ncr].mean() > t2w[normal].mean()
+
+
+def test_healthy_tissue_contrasts_follow_each_sequence():
+    """CSF, the darkest tissue on T1, is bright on T2 and dark on FLAIR."""
+    images, seg, _ = make_case(0, SMALL_SHAPE, with_et=False)
+    normal = brain_of(images) & (seg == 0)
+    t1, t2, flair = (images[m][normal] for m in ("t1n", "t2w", "t2f"))
+    csf_like = t1 < np.percentile(t1, 5)
+    assert t2[csf_like].mean() > np.percentile(t2, 75)
+    assert flair[csf_like].mean() < np.percentile(flair, 25)
+
+
+def test_reproducible_from_seed():
+    first, second, other = (make_case(seed, TINY_SHAPE) for seed in (7, 7, 8))
+    np.testing.assert_array_equal(first[1], second[1])
+    for modality in MODALITIES:
+        np.testing.assert_array_equal(first[0][modality], second[0][modality])
+    assert not np.array_equal(first[0]["t1c"], other[0]["t1c"])
+
+
+def test_written_files_follow_the_challenge_layout(synthetic_dataset):
+    train_dir, val_dir = synthetic_dataset / TRAINING_FOLDER, synthetic_dataset / VALIDATION_FOLDER
+    assert sorted(p.name for p in synthetic_dataset.iterdir()) == sorted([TRAINING_FOLDER, VALIDATION_FOLDER])
+    train_ids = sorted(p.name for p in train_dir.iterdir())
+    val_ids = sorted(p.name for p in val_dir.iterdir())
+    assert len(train_ids) == 6 and len(val_ids) == 2 and not set(train_ids) & set(val_ids)
+    numbers = sorted(int(re.fullmatch(r"BraTS-PED-(\d{5})-000", case).group(1)) for case in train_ids + val_ids)
+    assert np.any(np.diff(numbers) > 1)
+    for folder, case_ids, keys in [(train_dir, train_ids, (*MODALITIES, "seg")), (val_dir, val_ids, MODALITIES)]:
+        for case_id in case_ids:
+            expected = sorted(f"{case_id}-{key}.nii.gz" for key in keys)
+            assert sorted(p.name for p in (folder / case_id).iterdir()) == expected
+
+
+def test_written_headers_match_brats(tmp_path):
+    images = {modality: np.ones(BRATS_SHAPE, np.float32) for modality in MODALITIES}
+    seg = np.zeros(BRATS_SHAPE, np.uint8)
+    paths = write_case(tmp_path / "BraTS-PED-00002-000", "BraTS-PED-00002-000", images, seg, BRATS_AFFINE)
+    assert [p.name for p in paths][-1] == "BraTS-PED-00002-000-seg.nii.gz"
+    for path in paths:
+        image = nib.load(path)
+        assert image.shape == BRATS_SHAPE and image.header.get_zooms() == (1.0, 1.0, 1.0)
+        assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
+        np.testing.assert_allclose(image.header.get_qform(), BRATS_AFFINE)
+        np.testing.assert_allclose(image.header.get_sform(), BRATS_AFFINE)
+        assert image.get_data_dtype() == (np.uint8 if path.name.endswith("seg.nii.gz") else np.float32)
+
+
+def test_written_case_round_trips(synthetic_dataset):
+    case_dir = sorted((synthetic_dataset / TRAINING_FOLDER).iterdir())[0]
+    seg = np.asanyarray(nib.load(case_dir / f"{case_dir.name}-seg.nii.gz").dataobj)
+    t1c = nib.load(case_dir / f"{case_dir.name}-t1c.nii.gz")
+    assert seg.shape == SMALL_SHAPE and np.any(seg > 0)
+    np.testing.assert_allclose(t1c.affine, grid_affine(SMALL_SHAPE))
+    assert not np.any(seg[t1c.get_fdata() == 0])
+
+
+def test_refuses_to_overwrite_a_case_unless_asked(tmp_path):
+    first = generate_dataset(tmp_path, num_train=1, num_val=1, seed=3, shape=TINY_SHAPE)
+    with pytest.raises(FileExistsError, match=first["training"][0]):
+        generate_dataset(tmp_path, num_train=1, num_val=1, seed=3, shape=TINY_SHAPE)
+    again = generate_dataset(tmp_path, num_train=1, num_val=1, seed=3, shape=TINY_SHAPE, overwrite=True)
+    assert again == first
+
+
+def test_command_line_writes_both_folders(tmp_path, capsys):
+    command = [
+        "--output_dir",
+        str(tmp_path),
+        "--num_train",
+        "2",
+        "--num_val",
+        "1",
+        "--seed",
+        "5",
+        "--shape",
+        "32,32,20",
+    ]
+    fire.Fire(main, command=command)
+    printed = capsys.readouterr().out
+    train_cases = sorted(p.name for p in (tmp_path / TRAINING_FOLDER).iterdir())
+    val_cases = [p.name for p in (tmp_path / VALIDATION_FOLDER).iterdir()]
+    assert len(train_cases) == 2 and len(val_cases) == 1
+    assert all(case in printed for case in train_cases + val_cases)
+    seg = nib.load(tmp_path / TRAINING_FOLDER / train_cases[0] / f"{train_cases[0]}-seg.nii.gz")
+    assert seg.shape == TINY_SHAPE
+
+
+def test_command_line_refuses_existing_cases(tmp_path, capsys):
+    command = ["--output_dir", str(tmp_path), "--num_train", "1", "--num_val", "0", "--shape", "32x32x20"]
+    fire.Fire(main, command=command)
+    case_id = next((tmp_path / TRAINING_FOLDER).iterdir()).name
+    with pytest.raises(SystemExit) as exit_info:
+        fire.Fire(main, command=command)
+    assert exit_info.value.code == 1
+    assert case_id in capsys.readouterr().err
