@@ -1,0 +1,237 @@
+"""Score predicted BraTS 2023 label maps against ground truth with the official 2023 metrics.
+
+python -m scripts.evaluate --pred_dir P --gt_dir G --output_dir O [--challenge PED]
+
+Predictions are ``<case-id>.nii.gz`` in P. Ground truth in G is in the BraTS layout (``<case-id>/<case-id>-seg.nii.gz``)
+or flat (``<case-id>-seg.nii.gz`` or ``<case-id>.nii.gz``). Writes ``metrics_per_case.csv``, ``summary.csv`` and
+``summary.json`` to O.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from scripts.metrics import METRIC_NAMES, REPORTED_REGIONS, compute_case_metrics, get_challenge
+
+NIFTI_SUFFIX = ".nii.gz"
+SEG_SUFFIX = "-seg.nii.gz"
+PER_CASE_FILE, SUMMARY_CSV_FILE, SUMMARY_JSON_FILE = "metrics_per_case.csv", "summary.csv", "summary.json"
+PER_CASE_COLUMNS = ("case", "region", *METRIC_NAMES)
+SUMMARY_STATISTICS = ("mean", "std", "median", "p25", "p75")
+# Affines read back from NIfTI headers carry float32 rounding; anything larger is a different grid.
+AFFINE_TOLERANCE = 1e-3
+
+CasePair = tuple[str, str, str]  # (case id, prediction path, ground-truth path)
+
+
+class EvaluationInputError(ValueError):
+    """Predictions and ground truth do not pair up or do not share a grid; the message lists every problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(f"cannot evaluate, {len(self.problems)} problem(s):\n{lines}")
+
+
+def collect_case_pairs(pred_dir: str, gt_dir: str) -> tuple[list[CasePair], list[str]]:
+    """Pair ``<case>.nii.gz`` predictions with ground-truth files by case id; also return the unpaired-case problems."""
+    missing = [
+        f"{role} folder {folder} does not exist"
+        for role, folder in (("prediction", pred_dir), ("ground-truth", gt_dir))
+        if not Path(folder).is_dir()
+    ]
+    if missing:
+        return [], missing
+    predictions = {path.name[: -len(NIFTI_SUFFIX)]: path for path in Path(pred_dir).glob(f"*{NIFTI_SUFFIX}")}
+    ground_truth, problems = _ground_truth_files(Path(gt_dir))
+    for case in sorted(predictions.keys() - ground_truth.keys()):
+        problems.append(f"{case}: prediction {predictions[case]} has no ground truth in {gt_dir}")
+    for case in sorted(ground_truth.keys() - predictions.keys()):
+        problems.append(
+            f"{case}: ground truth {ground_truth[case]} has no prediction {case}{NIFTI_SUFFIX} in {pred_dir}"
+        )
+    if not predictions and not ground_truth:
+        problems.append(f"no {NIFTI_SUFFIX} predictions in {pred_dir} and no ground truth in {gt_dir}")
+    pairs = [
+        (case, str(predictions[case]), str(ground_truth[case]))
+        for case in sorted(predictions.keys() & ground_truth.keys())
+    ]
+    return pairs, problems
+
+
+def _ground_truth_files(gt_dir: Path) -> tuple[dict[str, Path], list[str]]:
+    """Ground-truth file per case id in either layout, and a problem for each case with more than one."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(gt_dir.iterdir()):
+        if path.is_dir() and (path / f"{path.name}{SEG_SUFFIX}").is_file():
+            found.setdefault(path.name, []).append(path / f"{path.name}{SEG_SUFFIX}")
+        elif path.is_file() and path.name.endswith(NIFTI_SUFFIX):
+            suffix = SEG_SUFFIX if path.name.endswith(SEG_SUFFIX) else NIFTI_SUFFIX
+            found.setdefault(path.name[: -len(suffix)], []).append(path)
+    problems = [
+        f"{case}: several ground-truth files ({', '.join(map(str, paths))}); keep one"
+        for case, paths in found.items()
+        if len(paths) > 1
+    ]
+    return {case: paths[0] for case, paths in found.items()}, problems
+
+
+def check_case_pairs(pairs: Sequence[CasePair]) -> list[str]:
+    """Problems that would stop scoring: no cases, repeated case ids, unreadable files, shape or affine mismatches."""
+    if not pairs:
+        return ["no cases to evaluate"]
+    case_ids = [case for case, _, _ in pairs]
+    problems = [f"{case}: listed more than once" for case in sorted(set(case_ids)) if case_ids.count(case) > 1]
+    for case, pred_path, gt_path in pairs:
+        problems += _pair_problems(case, pred_path, gt_path)
+    return problems
+
+
+def _pair_problems(case: str, pred_path: str, gt_path: str) -> list[str]:
+    """Why one prediction cannot be scored against its ground truth (reads headers only)."""
+    images, problems = {}, []
+    for role, path in (("prediction", pred_path), ("ground truth", gt_path)):
+        try:
+            images[role] = nib.load(path)
+        except (OSError, EOFError, nib.filebasedimages.ImageFileError) as error:
+            problems.append(f"{case}: cannot read {role} {path} ({error})")
+    if problems:
+        return problems
+    pred, gt = images["prediction"], images["ground truth"]
+    if len(gt.shape) != 3:
+        return [f"{case}: ground truth {gt_path} is not a 3-D label map (shape {gt.shape})"]
+    if pred.shape != gt.shape:
+        return [f"{case}: prediction shape {pred.shape} differs from ground-truth shape {gt.shape}"]
+    if not np.allclose(pred.affine, gt.affine, rtol=0.0, atol=AFFINE_TOLERANCE):
+        return [
+            f"{case}: prediction affine differs from the ground-truth affine; resample it onto the ground-truth grid"
+        ]
+    return []
+
+
+def evaluate_cases(pairs: list[tuple[str, str, str]], output_dir: str, challenge: str = "PED") -> dict:
+    """Score (case id, prediction path, GT path) pairs, write the per-case CSV and the summaries, return the summary.
+
+    Every problem with the inputs is reported in one EvaluationInputError before anything is computed.
+    """
+    get_challenge(challenge)
+    problems = check_case_pairs(pairs)
+    if problems:
+        raise EvaluationInputError(problems)
+    return _score_cases(pairs, Path(output_dir), challenge)
+
+
+def evaluate_folders(pred_dir: str, gt_dir: str, output_dir: str, challenge: str = "PED") -> dict:
+    """Pair a prediction folder with a ground-truth folder by case id, then score as ``evaluate_cases`` does."""
+    get_challenge(challenge)
+    pairs, problems = collect_case_pairs(pred_dir, gt_dir)
+    problems += check_case_pairs(pairs) if pairs else []
+    if problems:
+        raise EvaluationInputError(problems)
+    return _score_cases(pairs, Path(output_dir), challenge)
+
+
+def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str) -> dict:
+    """Compute every case's metrics and write the three result files."""
+    rows = []
+    for case, pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="case"):
+        pred_image, gt_image = nib.load(pred_path), nib.load(gt_path)
+        metrics = compute_case_metrics(
+            np.asanyarray(pred_image.dataobj),
+            np.asanyarray(gt_image.dataobj),
+            spacing=[float(zoom) for zoom in gt_image.header.get_zooms()[:3]],
+            challenge=challenge,
+        )
+        rows += [{"case": case, **row} for row in metrics]
+    summary = summarize(rows, challenge)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(output_dir / PER_CASE_FILE, _csv_text(PER_CASE_COLUMNS, rows))
+    summary_rows = [
+        {"region": region, "metric": metric, **values}
+        for region, metrics in summary["regions"].items()
+        for metric, values in metrics.items()
+    ]
+    write_atomically(output_dir / SUMMARY_CSV_FILE, _csv_text(("region", "metric", *SUMMARY_STATISTICS), summary_rows))
+    write_atomically(output_dir / SUMMARY_JSON_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(rows: Sequence[dict], challenge: str) -> dict:
+    """Mean, std, median, 25th and 75th percentile of every metric per region over the per-case rows."""
+    cases = {row["case"] for row in rows}
+    regions = {}
+    for region in REPORTED_REGIONS:
+        region_rows = [row for row in rows if row["region"] == region]
+        regions[region] = {metric: _statistics([float(row[metric]) for row in region_rows]) for metric in METRIC_NAMES}
+    return {"challenge": challenge, "num_cases": len(cases), "regions": regions}
+
+
+def _statistics(values: list[float]) -> dict[str, float]:
+    """The summary statistics of one metric; population std, so that a single case gives 0 instead of an error."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values),
+        "median": statistics.median(values),
+        "p25": float(np.percentile(values, 25)),
+        "p75": float(np.percentile(values, 75)),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A small table for the terminal: mean legacy and lesion-wise Dice per region."""
+    lines = [
+        f"{summary['num_cases']} case(s), BraTS 2023 {summary['challenge']} metrics",
+        f"{'region':<8}{'legacy Dice':>14}{'lesion-wise Dice':>19}",
+    ]
+    for region, metrics in summary["regions"].items():
+        legacy, lesionwise = metrics["legacy_dice"]["mean"], metrics["lesionwise_dice"]["mean"]
+        lines.append(f"{region:<8}{legacy:>14.4f}{lesionwise:>19.4f}")
+    return "\n".join(lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file in the same folder, so a crash never leaves a half-written file."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp makes the file private; results are meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
+    """CSV with exactly ``columns``, one line per row."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def main(pred_dir: str, gt_dir: str, output_dir: str, challenge: str = "PED") -> None:
+    """Score every prediction in ``pred_dir`` against ``gt_dir`` and write the results to ``output_dir``."""
+    try:
+        summary = evaluate_folders(str(pred_dir), str(gt_dir), str(output_dir), str(challenge))
+    except ValueError as error:  # bad inputs or an unknown challenge: the message says what to fix
+        sys.exit(f"evaluate: {error}")
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,158 @@
+"""The evaluation command: pairing folders, refusing bad inputs up front, and the files it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from scripts.evaluate import EvaluationInputError, evaluate_cases, evaluate_folders, main
+from scripts.metrics import METRIC_NAMES
+
+SHAPE = (16, 16, 12)
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+PER_CASE_HEADER = (
+    "case,region,legacy_dice,legacy_hd95,lesionwise_dice,lesionwise_hd95,num_tp,num_fp,num_fn,"
+    "sensitivity,specificity,gt_volume"
+)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tumour(et_label: int = 3) -> np.ndarray:
+    """Edema shell around a core whose centre is enhancing (``et_label``), 64 voxels of TC, 216 of WT."""
+    label = np.zeros(SHAPE, np.uint8)
+    label[4:10, 4:10, 3:9] = 2
+    label[5:9, 5:9, 4:8] = 1
+    label[6:8, 6:8, 5:7] = et_label
+    return label
+
+
+def save(path: Path, label: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(label, affine), path)
+    return path
+
+
+def brats_layout(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[Path, Path]:
+    """pred/<case>.nii.gz and gt/<case>/<case>-seg.nii.gz for each case's (prediction, GT)."""
+    for case, (pred, gt) in cases.items():
+        save(root / "pred" / f"{case}.nii.gz", pred)
+        save(root / "gt" / case / f"{case}-seg.nii.gz", gt)
+    return root / "pred", root / "gt"
+
+
+def read_csv(path: Path) -> tuple[str, list[dict]]:
+    text = path.read_text()
+    return text.splitlines()[0], list(csv.DictReader(text.splitlines()))
+
+
+def test_writes_per_case_metrics_and_summaries(tmp_path):
+    # Case 1 is perfect; case 2 calls its enhancing voxels core, so ET legacy Dice is 1 and 0 over the two cases:
+    # mean 0.5, population std 0.5, median 0.5, quartiles 0.25 and 0.75. TC and WT are perfect in both.
+    pred_dir, gt_dir = brats_layout(
+        tmp_path, {"BraTS-PED-00001-000": (tumour(), tumour()), "BraTS-PED-00002-000": (tumour(et_label=1), tumour())}
+    )
+    summary = evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics_per_case.csv", "summary.csv", "summary.json"]
+    header, rows = read_csv(out / "metrics_per_case.csv")
+    assert header == PER_CASE_HEADER
+    assert [(row["case"][-9:], row["region"]) for row in rows] == [
+        (case, region) for case in ("00001-000", "00002-000") for region in ("ET", "TC", "WT")
+    ]
+    assert [float(row["legacy_dice"]) for row in rows] == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assert [float(row["gt_volume"]) for row in rows[:3]] == [8.0, 64.0, 216.0]
+
+    et_dice = summary["regions"]["ET"]["legacy_dice"]
+    assert et_dice == {"mean": 0.5, "std": 0.5, "median": 0.5, "p25": 0.25, "p75": 0.75}
+    assert summary["regions"]["WT"]["lesionwise_dice"]["mean"] == 1.0
+    assert (summary["num_cases"], summary["challenge"]) == (2, "PED")
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    summary_header, summary_rows = read_csv(out / "summary.csv")
+    assert summary_header == "region,metric,mean,std,median,p25,p75"
+    assert [(row["region"], row["metric"]) for row in summary_rows] == [
+        (region, metric) for region in ("ET", "TC", "WT") for metric in METRIC_NAMES
+    ]
+    assert float(summary_rows[0]["p75"]) == 0.75
+
+
+@pytest.mark.parametrize("gt_name", ["{case}-seg.nii.gz", "{case}.nii.gz"])
+def test_flat_ground_truth_folder(tmp_path, gt_name):
+    case = "BraTS-PED-00003-000"
+    save(tmp_path / "pred" / f"{case}.nii.gz", tumour())
+    save(tmp_path / "gt" / gt_name.format(case=case), tumour())
+    summary = evaluate_folders(str(tmp_path / "pred"), str(tmp_path / "gt"), str(tmp_path / "out"))
+    assert summary["num_cases"] == 1
+    assert summary["regions"]["TC"]["legacy_dice"]["mean"] == 1.0
+
+
+def test_voxel_spacing_comes_from_the_header(tmp_path):
+    case = "BraTS-PED-00004-000"
+    anisotropic = np.diag([1.0, 1.0, 2.5, 1.0])
+    pairs = [
+        (
+            case,
+            str(save(tmp_path / f"{case}.nii.gz", tumour(), anisotropic)),
+            str(save(tmp_path / f"{case}-seg.nii.gz", tumour(), anisotropic)),
+        )
+    ]
+    summary = evaluate_cases(pairs, str(tmp_path / "out"))
+    assert summary["regions"]["TC"]["gt_volume"]["mean"] == 64 * 2.5
+
+
+def test_unpaired_and_mismatched_cases_are_all_reported_before_scoring(tmp_path):
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00005-000": (np.zeros((16, 16, 10), np.uint8), tumour())})
+    save(pred_dir / "BraTS-PED-00006-000.nii.gz", tumour())  # no ground truth
+    save(gt_dir / "BraTS-PED-00007-000" / "BraTS-PED-00007-000-seg.nii.gz", tumour())  # no prediction
+    with pytest.raises(EvaluationInputError) as caught:
+        evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
+    problems = caught.value.problems
+    assert len(problems) == 3
+    assert any("BraTS-PED-00005-000" in p and "shape" in p for p in problems)
+    assert any("BraTS-PED-00006-000" in p and "no ground truth" in p for p in problems)
+    assert any("BraTS-PED-00007-000" in p and "no prediction" in p for p in problems)
+    assert all(p in str(caught.value) for p in problems)
+    assert not (tmp_path / "out").exists()
+
+
+def test_affine_mismatch_names_the_case(tmp_path):
+    case = "BraTS-PED-00008-000"
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 5.0
+    pairs = [(case, str(save(tmp_path / "p.nii.gz", tumour(), shifted)), str(save(tmp_path / "g.nii.gz", tumour())))]
+    with pytest.raises(EvaluationInputError, match=f"{case}: prediction affine"):
+        evaluate_cases(pairs, str(tmp_path / "out"))
+
+
+def test_unknown_challenge_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="valid names: PED"):
+        evaluate_cases([], str(tmp_path / "out"), challenge="BraTS-XYZ")
+
+
+def test_command_line_prints_a_summary_table(tmp_path, capsys):
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00009-000": (tumour(et_label=1), tumour())})
+    main(pred_dir=str(pred_dir), gt_dir=str(gt_dir), output_dir=str(tmp_path / "out"), challenge="PED")
+    lines = capsys.readouterr().out.splitlines()
+    # ET is missed (legacy 0), but its 8 mm^3 lesion is below 50 mm^3: nothing to score lesion-wise, which gives 1.
+    assert lines[-3].split() == ["ET", "0.0000", "1.0000"]
+    assert lines[-1].split() == ["WT", "1.0000", "1.0000"]
+
+
+def test_command_line_error_is_readable_and_exits_non_zero(tmp_path):
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00010-000": (tumour(), tumour())})
+    (pred_dir / "BraTS-PED-00010-000.nii.gz").unlink()
+    command = [sys.executable, "-m", "scripts.evaluate", "--pred_dir", str(pred_dir), "--gt_dir", str(gt_dir)]
+    result = subprocess.run(
+        [*command, "--output_dir", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "BraTS-PED-00010-000" in result.stderr and "no prediction" in result.stderr
+    assert "Traceback" not in result.stderr
