@@ -12,10 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from scripts.atomic import write_text_atomic
 from scripts.metrics import METRIC_NAMES, REPORTED_REGIONS, compute_case_metrics, get_challenge
 
 NIFTI_SUFFIX = ".nii.gz"
@@ -158,14 +157,14 @@ def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str) ->
         rows += [{"case": case, **row} for row in metrics]
     summary = summarize(rows, challenge)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(output_dir / PER_CASE_FILE, _csv_text(PER_CASE_COLUMNS, rows))
+    write_text_atomic(output_dir / PER_CASE_FILE, _csv_text(PER_CASE_COLUMNS, rows))
     summary_rows = [
         {"region": region, "metric": metric, **values}
         for region, metrics in summary["regions"].items()
         for metric, values in metrics.items()
     ]
-    write_atomically(output_dir / SUMMARY_CSV_FILE, _csv_text(("region", "metric", *SUMMARY_STATISTICS), summary_rows))
-    write_atomically(output_dir / SUMMARY_JSON_FILE, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(output_dir / SUMMARY_CSV_FILE, _csv_text(("region", "metric", *SUMMARY_STATISTICS), summary_rows))
+    write_text_atomic(output_dir / SUMMARY_JSON_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -200,19 +199,6 @@ def format_summary(summary: dict) -> str:
         legacy, lesionwise = metrics["legacy_dice"]["mean"], metrics["lesionwise_dice"]["mean"]
         lines.append(f"{region:<8}{legacy:>14.4f}{lesionwise:>19.4f}")
     return "\n".join(lines)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder, so a crash never leaves a half-written file."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp makes the file private; results are meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import fire
 import nibabel as nib
 import numpy as np
 
+from scripts.atomic import write_text_atomic
 from scripts.labels import VALID_LABELS
 
 MODALITIES = ("t1c", "t1n", "t2f", "t2w")
@@ -212,21 +212,8 @@ def make_datalist(
 
 
 def write_json_atomic(data: dict, path: str | Path) -> None:
-    """Write JSON through a temporary file in the same folder, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; the datalist is meant to be shared
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically, so readers never see a partial datalist."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def load_json(path: str | Path) -> dict:

@@ -1,0 +1,156 @@
+"""Batch prediction of BraTS cases into submission-ready 2023 label maps.
+
+`CasePredictor` runs a config's preprocessing, inferer and postprocessing case by case: a bad case
+is reported (case, file, reason) and skipped, every output is written atomically on exactly the
+grid and header of the case's t1c file, and finished cases are skipped when a run is repeated.
+`EnsembleInferer` averages sigmoid probabilities over checkpoints and mirrored inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import Inferer
+from monai.utils import convert_to_numpy
+from tqdm import tqdm
+
+from scripts.atomic import atomic_output
+from scripts.prepare_datalist import case_files, case_id_from_path, check_case, find_case_dirs, load_json
+
+logger = logging.getLogger(__name__)
+
+
+def cases_in_folder(dataset_dir: str | Path) -> list[dict]:
+    """Every case folder under `dataset_dir` (BraTS layout), as {"case", "image"} dicts."""
+    return [{"case": case["case"], "image": case["image"]} for case in map(case_files, find_case_dirs(dataset_dir))]
+
+
+def cases_in_datalist(datalist: str | Path, dataset_dir: str | Path, key: str = "testing") -> list[dict]:
+    """The `key` list of a datalist (paths relative to `dataset_dir`), as {"case", "image"} dicts."""
+    entries = load_json(datalist).get(key)
+    if entries is None:
+        raise ValueError(f"datalist {datalist} has no '{key}' list")
+    cases = []
+    for entry in entries:
+        image = [os.path.abspath(os.path.join(dataset_dir, path)) for path in entry["image"]]
+        cases.append({"case": case_id_from_path(image[0]), "image": image})
+    return cases
+
+
+def write_label_like(label: np.ndarray, reference: str | Path, output: str | Path) -> None:
+    """Write a uint8 label map with the reference volume's shape, affine, qform and sform, atomically:
+    the file appears complete under its final name or not at all."""
+    reference_image = nib.load(reference)
+    if label.shape != reference_image.shape:
+        raise ValueError(f"label shape {label.shape} differs from {reference} {reference_image.shape}")
+    header = reference_image.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(label.astype(np.uint8), reference_image.affine, header)
+    image.set_qform(reference_image.get_qform(), code=int(reference_image.header["qform_code"]))
+    image.set_sform(reference_image.get_sform(), code=int(reference_image.header["sform_code"]))
+    image.header.set_slope_inter(1.0, 0.0)
+    with atomic_output(output, suffix=".nii.gz") as temporary:
+        nib.save(image, temporary)
+
+
+class EnsembleInferer(Inferer):
+    """Mean sigmoid probability of `inferer` over `networks` (or the network passed in) and over
+    every combination of flips along `mirror_axes` (spatial axes 0-2), as nnU-Net's mirror TTA."""
+
+    def __init__(self, inferer: Inferer, networks: Sequence[torch.nn.Module] = (), mirror_axes: Sequence[int] = ()):
+        super().__init__()
+        if any(axis not in (0, 1, 2) for axis in mirror_axes):
+            raise ValueError(f"mirror_axes are spatial axes among 0, 1, 2, got {list(mirror_axes)}")
+        self.inferer = inferer
+        self.networks = list(networks)
+        axes = sorted({axis + 2 for axis in mirror_axes})  # batch and channel come first
+        self.flips = [list(dims) for n in range(len(axes) + 1) for dims in itertools.combinations(axes, n)]
+
+    def __call__(self, inputs: torch.Tensor, network: Callable | None = None, *args, **kwargs) -> torch.Tensor:
+        networks = self.networks or [network]
+        total = None
+        for net in networks:
+            for dims in self.flips:
+                flipped = torch.flip(inputs, dims) if dims else inputs
+                probability = torch.sigmoid(self.inferer(flipped, net, *args, **kwargs))
+                probability = torch.flip(probability, dims) if dims else probability
+                total = probability if total is None else total + probability
+        return total / (len(networks) * len(self.flips))
+
+
+class CasePredictor:
+    """Predict each case into `<output_dir>/<case>.nii.gz`; see the module docstring."""
+
+    def __init__(
+        self,
+        cases: Sequence[dict],
+        preprocessing: Callable,
+        inferer: Callable,
+        network: torch.nn.Module,
+        postprocessing: Callable,
+        output_dir: str | Path,
+        device: str | torch.device = "cpu",
+        overwrite: bool = False,
+        amp: bool = False,
+    ):
+        self.cases = list(cases)
+        self.preprocessing = preprocessing
+        self.inferer = inferer
+        self.network = network
+        self.postprocessing = postprocessing
+        self.output_dir = Path(output_dir)
+        self.device = torch.device(device)
+        self.overwrite = overwrite
+        self.amp = amp and self.device.type == "cuda"
+
+    def output_path(self, case: dict) -> Path:
+        return self.output_dir / f"{case['case']}.nii.gz"
+
+    def predict(self, case: dict) -> np.ndarray:
+        """The post-processed label map of one case, on the grid of its input files."""
+        data = self.preprocessing({"image": case["image"]})
+        autocast = torch.autocast("cuda") if self.amp else nullcontext()
+        with torch.no_grad(), autocast:
+            pred = self.inferer(data["image"][None].to(self.device), self.network)
+        data["pred"] = pred[0].float().cpu()
+        data = self.postprocessing(data)
+        return convert_to_numpy(data["pred"])[0]
+
+    def run(self) -> dict:
+        """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed."""
+        self.network.eval()
+        done = [case for case in self.cases if not self.overwrite and self.output_path(case).exists()]
+        pending = [case for case in self.cases if case not in done]
+        failures: list[str] = []
+        for case in tqdm(pending, desc="cases", unit="case"):
+            problems = check_case({**case, "label": None}, check_labels=False)
+            if not problems:
+                try:
+                    write_label_like(self.predict(case), case["image"][0], self.output_path(case))
+                except Exception as error:  # one bad case must not stop the batch
+                    problems = [f"{case['case']}: {type(error).__name__}: {error}"]
+            for problem in problems:
+                logger.error(problem)
+            failures += problems
+        failed = sorted({problem.split(": ", 1)[0] for problem in failures})
+        summary = {
+            "written": len(pending) - len(failed),
+            "skipped_existing": len(done),
+            "failed": failed,
+            "output_dir": str(self.output_dir),
+        }
+        logger.info(
+            f"{summary['written']} written, {summary['skipped_existing']} already present (skipped), "
+            f"{len(failed)} failed, in {self.output_dir}"
+        )
+        if failures:
+            raise SystemExit("failed cases:\n" + "\n".join(failures))
+        return summary
