@@ -4,6 +4,7 @@ PYTHON := $(VENV)/bin/python
 DEMO_DATA := data/demo
 BUNDLE_RUN := $(PYTHON) -m monai.bundle run
 DEMO_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml']"
+DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml', 'configs/evaluate.yaml']"
 
 .PHONY: setup demo test lint clean-demo
 
@@ -21,6 +22,7 @@ $(DEMO_DATA)/datalist.json: | setup
 
 demo: $(DEMO_DATA)/datalist.json
 	$(BUNDLE_RUN) training --config_file $(DEMO_CONFIGS)
+	$(BUNDLE_RUN) evaluating --config_file $(DEMO_EVALUATE_CONFIGS)
 
 test: setup
 	$(PYTHON) -m pytest -q

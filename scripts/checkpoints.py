@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -24,10 +25,10 @@ def load_network_weights(
     network: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """Load a best-model file (plain state dict) or a full training checkpoint (its "network" entry),
-    mapping GPU tensors to `device` so a GPU-trained model loads on a CPU-only machine."""
+    mapping GPU tensors to `device` so a GPU-trained model loads on a CPU-only machine; returned in eval mode."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
     if isinstance(state, dict) and "network" in state:
         state = state["network"]
@@ -35,4 +36,4 @@ def load_network_weights(
         network.load_state_dict(state)
     except RuntimeError as error:
         raise RuntimeError(f"checkpoint {path} does not fit this network definition: {error}") from error
-    return network.to(device)
+    return network.to(device).eval()

@@ -127,8 +127,7 @@ class CasePredictor:
     def run(self) -> dict:
         """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed."""
         self.network.eval()
-        done = [case for case in self.cases if not self.overwrite and self.output_path(case).exists()]
-        pending = [case for case in self.cases if case not in done]
+        pending = [case for case in self.cases if self.overwrite or not self.output_path(case).exists()]
         failures: list[str] = []
         for case in tqdm(pending, desc="cases", unit="case"):
             problems = check_case({**case, "label": None}, check_labels=False)
@@ -143,7 +142,7 @@ class CasePredictor:
         failed = sorted({problem.split(": ", 1)[0] for problem in failures})
         summary = {
             "written": len(pending) - len(failed),
-            "skipped_existing": len(done),
+            "skipped_existing": len(self.cases) - len(pending),
             "failed": failed,
             "output_dir": str(self.output_dir),
         }

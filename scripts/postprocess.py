@@ -72,3 +72,20 @@ class SmallEnhancingToNecrosisd(MapTransform):
                 label[enhancing] = 1
                 d[key] = label
         return d
+
+
+class MaskOutsideInputd(MapTransform):
+    """Zero predictions wherever every channel of `source_key` is 0: outside the skull-stripped brain
+    there is no tumour, and an undertrained network may still mark speckles there that the lesion-wise
+    metrics count as false positives. Needs the prediction and the source on the same grid."""
+
+    def __init__(self, keys: KeysCollection, source_key: str = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.source_key = source_key
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        inside = (d[self.source_key] != 0).any(0, keepdim=True)
+        for key in self.key_iterator(d):
+            d[key] = d[key] * convert_to_dst_type(inside, dst=d[key])[0]
+        return d

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
+from monai.networks.nets import SwinUNETR
 
 from scripts.prepare_datalist import make_datalist, write_json_atomic
 from scripts.synthetic import generate_dataset
@@ -64,3 +66,21 @@ def trained_fold(synthetic_dataset: Path, synthetic_datalist: Path, tmp_path_fac
     workflow = train_workflow(synthetic_dataset, synthetic_datalist, output_dir, run_id="training")
     workflow.run()
     return workflow, output_dir
+
+
+# Inference and export: the inference config with a tiny Swin UNETR (roi 64 is the smallest it takes).
+INFERENCE_CONFIG = str(Path(__file__).parents[1] / "configs" / "inference.yaml")
+METADATA = str(Path(__file__).parents[1] / "configs" / "metadata.json")
+TINY_FEATURE_SIZE = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_swin_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """State dict (best-model file format) of a seeded, untrained Swin UNETR as inference.yaml builds it
+    with feature_size 12."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        network = SwinUNETR(in_channels=4, out_channels=3, feature_size=TINY_FEATURE_SIZE)
+    path = tmp_path_factory.mktemp("tiny_swin") / "model.pt"
+    torch.save(network.state_dict(), path)
+    return path

@@ -1,0 +1,50 @@
+"""The evaluation config layered on the training config: a fold's checkpoint, its validation cases,
+predictions on each input's grid and the official metric files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+from monai.bundle import ConfigWorkflow
+
+from scripts.evaluate import PER_CASE_COLUMNS
+from tests.conftest import TINY_TRAINING, TRAIN_CONFIG
+
+EVALUATE_CONFIG = TRAIN_CONFIG.replace("train.yaml", "evaluate.yaml")
+
+
+def test_evaluates_the_folds_validation_cases_on_their_own_grid(trained_fold, synthetic_dataset, synthetic_datalist):
+    train_workflow, output_dir = trained_fold
+    workflow = ConfigWorkflow(
+        config_file=[TRAIN_CONFIG, EVALUATE_CONFIG],
+        workflow_type="infer",
+        **TINY_TRAINING,
+        dataset_dir=str(synthetic_dataset),
+        datalist=str(synthetic_datalist),
+        output_dir=str(output_dir),
+    )
+    workflow.initialize()
+    workflow.run()
+
+    validation = train_workflow.parser.get_parsed_content("fold_split")[1]
+    evaluation_dir = output_dir / "evaluation"
+    for case in validation:
+        prediction = nib.load(evaluation_dir / "predictions" / f"{case['case']}.nii.gz")
+        reference = nib.load(case["image"][0])
+        assert prediction.shape == reference.shape
+        np.testing.assert_allclose(prediction.affine, reference.affine)
+        assert prediction.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asanyarray(prediction.dataobj))) <= {0, 1, 2, 3}
+
+    with open(evaluation_dir / "metrics_per_case.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert tuple(rows[0]) == PER_CASE_COLUMNS
+    assert {row["case"] for row in rows} == {case["case"] for case in validation}
+    assert sorted({row["region"] for row in rows}) == ["ET", "TC", "WT"]
+
+    summary = json.loads((evaluation_dir / "summary.json").read_text())
+    assert summary["num_cases"] == len(validation)
+    assert (evaluation_dir / "summary.csv").is_file()

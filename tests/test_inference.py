@@ -1,0 +1,510 @@
+"""Inference (configs/inference.yaml, scripts/inference.py): submission-ready label maps on each input's
+own grid and header, bad cases reported and skipped, reruns, mirror TTA and ensembles, post-processing
+and checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from monai.data import MetaTensor
+from monai.inferers import SimpleInferer
+from monai.networks.nets import SwinUNETR
+from monai.optimizers import WarmupCosineSchedule
+from monai.transforms import Compose, CropForegroundd, Invertd
+
+from scripts.checkpoints import load_network_weights
+from scripts.inference import EnsembleInferer, write_label_like
+from scripts.postprocess import MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
+from scripts.prepare_datalist import MODALITIES, case_file_name
+from scripts.synthetic import make_case
+from tests.conftest import INFERENCE_CONFIG, SMALL_SHAPE, TINY_FEATURE_SIZE
+
+TINY_INFERENCE = {"spacing": [4.0, 4.0, 4.0], "roi_size": [64, 64, 64], "sw_batch_size": 1}
+# Where the network does not matter (geometry, bad cases, reruns) a 1x1x1 convolution stands in for
+# Swin UNETR: with DETECTOR weights it marks TC and ET where the z-scored T1c is bright and WT where
+# FLAIR is: a crude tumour detector, enough to show a mirrored or misplaced output.
+POINTWISE_NETWORK = {"_target_": "torch.nn.Conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": 1}
+DETECTOR = [("t1c", 1.5), ("t2f", 1.3), ("t1c", 1.5)]  # per region TC, WT, ET: (modality, z threshold)
+CASES = {"brats": "BraTS-PED-00101-000", "ras": "BraTS-PED-00102-000", "anisotropic": "BraTS-PED-00103-000"}
+LABELS = {0, 1, 2, 3}
+
+
+def nifti(data: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 1) -> nib.Nifti1Image:
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+    return image
+
+
+def save_case(root: Path, case_id: str, images: dict[str, nib.Nifti1Image]) -> Path:
+    """Write `images` ({modality: image}) as a case folder in the BraTS layout."""
+    case_dir = root / case_id
+    case_dir.mkdir(parents=True)
+    for modality, image in images.items():
+        nib.save(image, case_dir / case_file_name(case_id, modality))
+    return case_dir
+
+
+def detector_state(scale: float = 8.0) -> dict[str, torch.Tensor]:
+    weight, bias = torch.zeros(3, 4, 1, 1, 1), torch.zeros(3)
+    for region, (modality, threshold) in enumerate(DETECTOR):
+        weight[region, MODALITIES.index(modality)] = scale
+        bias[region] = -scale * threshold
+    return {"weight": weight, "bias": bias}
+
+
+def inference_workflow(
+    output_dir: Path, checkpoints: list[Path], network_def: dict | None = POINTWISE_NETWORK, **overrides
+) -> ConfigWorkflow:
+    """inference.yaml as `monai.bundle run` builds it with the tiny settings; `network_def` None keeps
+    the config's Swin UNETR."""
+    settings = {**TINY_INFERENCE, **({"network_def": network_def} if network_def else {})}
+    settings.update(output_dir=str(output_dir), checkpoints=[str(path) for path in checkpoints], **overrides)
+    workflow = ConfigWorkflow(config_file=INFERENCE_CONFIG, workflow_type="infer", **settings)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    return workflow
+
+
+def run_inference(output_dir: Path, checkpoints: list[Path], **overrides) -> dict:
+    """The summary that CasePredictor.run returns."""
+    (summary,) = inference_workflow(output_dir, checkpoints, **overrides).run()
+    return summary
+
+
+def label_data(path: Path) -> np.ndarray:
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+# Everything that places the voxels in space: the BraTS validator compares these with the input.
+GRID_FIELDS = ("dim", "pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d")
+GRID_FIELDS += ("qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+
+
+def assert_label_map_on_grid_of(output: Path, reference: Path) -> None:
+    """uint8 labels 0-3 with exactly the reference's shape, affine, qform and sform (matrices and codes)."""
+    out, ref = nib.load(output), nib.load(reference)
+    assert out.shape == ref.shape
+    assert out.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asanyarray(out.dataobj)).tolist()) <= LABELS
+    np.testing.assert_array_equal(out.affine, ref.affine)
+    for field in GRID_FIELDS:
+        np.testing.assert_array_equal(out.header[field], ref.header[field], err_msg=field)
+    np.testing.assert_array_equal(out.get_qform(), ref.get_qform())
+    np.testing.assert_array_equal(out.get_sform(), ref.get_sform())
+
+
+def assert_same_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], expected[key]) for key in expected)  # much faster than assert_close
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="session")
+def source_case() -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One synthetic case with enhancing tumour on the small BraTS-like grid: (images, seg, affine)."""
+    return make_case(7, SMALL_SHAPE, with_et=True)
+
+
+@pytest.fixture(scope="session")
+def geometry_dataset(source_case, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A folder with the same case on three grids, and {variant: (t1c path, seg image)}:
+    brats: the BraTS grid (LPS, qform and sform code 1); ras: reoriented to RAS by nibabel (qform code 0,
+    sform code 2);
+    anisotropic: every other axial slice with twice the slice spacing, qform only (sform code 0)."""
+    images, seg, affine = source_case
+    thick = affine.copy()
+    thick[:3, 2] *= 2
+    variants = {
+        "brats": ({m: nifti(images[m], affine) for m in MODALITIES}, nifti(seg, affine)),
+        "ras": (
+            {m: nib.as_closest_canonical(nifti(images[m], affine)) for m in MODALITIES},
+            nib.as_closest_canonical(nifti(seg, affine)),
+        ),
+        "anisotropic": (
+            {m: nifti(images[m][..., ::2], thick, sform_code=0) for m in MODALITIES},
+            nifti(seg[..., ::2], thick, sform_code=0),
+        ),
+    }
+    root = tmp_path_factory.mktemp("geometry_cases")
+    cases = {}
+    for variant, (volumes, seg_image) in variants.items():
+        case_dir = save_case(root, CASES[variant], volumes)
+        cases[variant] = (case_dir / case_file_name(CASES[variant], "t1c"), seg_image)
+    return root, cases
+
+
+@pytest.fixture(scope="session")
+def brats_dataset(geometry_dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding only the BraTS-grid case (linked), for single-case runs."""
+    root = tmp_path_factory.mktemp("brats_case")
+    os.symlink(geometry_dataset[1]["brats"][0].parent, root / CASES["brats"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def detector_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("detector") / "detector.pt"
+    torch.save(detector_state(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def geometry_predictions(geometry_dataset, detector_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+    """One run of the config over the geometry cases: (output folder, summary)."""
+    output_dir = tmp_path_factory.mktemp("geometry_predictions")
+    summary = run_inference(output_dir, [detector_checkpoint], dataset_dir=str(geometry_dataset[0]))
+    return output_dir, summary
+
+
+@pytest.mark.parametrize("variant", CASES)
+def test_output_is_a_label_map_on_the_grid_and_header_of_the_t1c(variant, geometry_dataset, geometry_predictions):
+    output_dir, summary = geometry_predictions
+    assert summary["written"] == len(CASES) and not summary["failed"]
+    assert sorted(os.listdir(output_dir)) == sorted(f"{case}.nii.gz" for case in CASES.values())
+    assert_label_map_on_grid_of(output_dir / f"{CASES[variant]}.nii.gz", geometry_dataset[1][variant][0])
+
+
+@pytest.mark.parametrize("variant", CASES)
+def test_labels_land_on_the_tumour(variant, geometry_dataset, geometry_predictions):
+    """The detector's whole tumour and enhancing tumour overlap the truth on the input's own grid."""
+    seg = np.asanyarray(geometry_dataset[1][variant][1].dataobj)
+    label = label_data(geometry_predictions[0] / f"{CASES[variant]}.nii.gz")
+    assert dice(label > 0, seg > 0) > 0.85  # mirrored along any axis: < 0.75
+    assert dice(label == 3, seg == 3) > 0.5
+
+
+def test_reoriented_input_gets_the_same_segmentation_reoriented(geometry_predictions):
+    brats = nib.load(geometry_predictions[0] / f"{CASES['brats']}.nii.gz")
+    ras = nib.load(geometry_predictions[0] / f"{CASES['ras']}.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(ras.dataobj), np.asanyarray(nib.as_closest_canonical(brats).dataobj))
+
+
+def test_testing_list_of_a_datalist_with_a_swin_unetr_checkpoint(geometry_dataset, tiny_swin_checkpoint, tmp_path):
+    """The documented command: Swin UNETR from a best-model file, cases from a datalist's `testing` list."""
+    root, cases = geometry_dataset
+    images = [os.path.relpath(cases["brats"][0].parent / case_file_name(CASES["brats"], m), root) for m in MODALITIES]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "testing": [{"image": images}]}))
+    output_dir = tmp_path / "predictions"
+    workflow = inference_workflow(
+        output_dir,
+        [tiny_swin_checkpoint],
+        dataset_dir=str(root),
+        datalist=str(datalist),
+        network_def=None,
+        feature_size=TINY_FEATURE_SIZE,
+    )
+    assert isinstance(workflow.parser.get_parsed_content("network"), SwinUNETR)
+    (summary,) = workflow.run()
+    assert summary["written"] == 1 and not summary["failed"]
+    assert os.listdir(output_dir) == [f"{CASES['brats']}.nii.gz"]
+    assert_label_map_on_grid_of(output_dir / f"{CASES['brats']}.nii.gz", cases["brats"][0])
+
+
+def test_bad_cases_are_reported_and_skipped(source_case, detector_checkpoint, tmp_path, caplog):
+    images, _, affine = source_case
+    volumes = {m: nifti(images[m], affine) for m in MODALITIES}
+    data = tmp_path / "data"
+    good = "BraTS-PED-00201-000"
+    save_case(data, good, volumes)
+    missing = save_case(data, "BraTS-PED-00202-000", {m: volumes[m] for m in MODALITIES if m != "t2w"})
+    truncated = save_case(data, "BraTS-PED-00203-000", volumes) / case_file_name("BraTS-PED-00203-000", "t1n")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    shifted = affine.copy()
+    shifted[:3, 3] += 4.0
+    mismatched = save_case(data, "BraTS-PED-00204-000", {**volumes, "t2f": nifti(images["t2f"], shifted)})
+    expected = {
+        "BraTS-PED-00202-000": (missing / case_file_name("BraTS-PED-00202-000", "t2w"), "missing"),
+        "BraTS-PED-00203-000": (truncated, "unreadable"),
+        "BraTS-PED-00204-000": (mismatched / case_file_name("BraTS-PED-00204-000", "t2f"), "affine differs"),
+    }
+    output_dir = tmp_path / "predictions"
+    workflow = inference_workflow(output_dir, [detector_checkpoint], dataset_dir=str(data))
+    logger = logging.getLogger("scripts.inference")
+    logger.addHandler(caplog.handler)  # the config's logging setup replaces the root handlers
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            workflow.run()
+    finally:
+        logger.removeHandler(caplog.handler)
+
+    report = exit_info.value.code
+    assert isinstance(report, str) and report.startswith("failed cases:")  # a message exits with status 1
+    lines = report.splitlines()[1:]
+    assert len(lines) == len(expected)
+    for line, (case, (path, reason)) in zip(sorted(lines), sorted(expected.items()), strict=True):
+        assert line.startswith(f"{case}: {path}: {reason}")
+    assert "1 written, 0 already present (skipped), 3 failed" in caplog.text
+    assert os.listdir(output_dir) == [f"{good}.nii.gz"]  # nothing partial or temporary
+    assert_label_map_on_grid_of(output_dir / f"{good}.nii.gz", data / good / case_file_name(good, "t1c"))
+
+
+def test_rerun_skips_written_cases_unless_overwrite(geometry_dataset, brats_dataset, detector_checkpoint, tmp_path):
+    output = tmp_path / "predictions" / f"{CASES['brats']}.nii.gz"
+    assert run_inference(output.parent, [detector_checkpoint], dataset_dir=str(brats_dataset))["written"] == 1
+    content, labels = output.read_bytes(), label_data(output)
+    os.utime(output, ns=(10**18, 10**18))
+
+    summary = run_inference(output.parent, [detector_checkpoint], dataset_dir=str(brats_dataset))
+    assert (summary["written"], summary["skipped_existing"]) == (0, 1)
+    assert output.stat().st_mtime_ns == 10**18 and output.read_bytes() == content
+
+    summary = run_inference(output.parent, [detector_checkpoint], dataset_dir=str(brats_dataset), overwrite=True)
+    assert (summary["written"], summary["skipped_existing"]) == (1, 0)
+    assert output.stat().st_mtime_ns != 10**18
+    np.testing.assert_array_equal(label_data(output), labels)
+
+
+def test_crop_to_brain_off_gives_the_same_grid_and_labels(
+    geometry_dataset, geometry_predictions, brats_dataset, detector_checkpoint, tmp_path
+):
+    """Without the crop the sliding window covers the whole grid; the pointwise network gives the same labels."""
+    workflow = inference_workflow(
+        tmp_path / "predictions", [detector_checkpoint], dataset_dir=str(brats_dataset), crop_to_brain=False
+    )
+    assert not any(isinstance(transform, CropForegroundd) for transform in workflow.preprocessing.transforms)
+    workflow.run()
+    output = tmp_path / "predictions" / f"{CASES['brats']}.nii.gz"
+    assert_label_map_on_grid_of(output, geometry_dataset[1]["brats"][0])
+    cropped = label_data(geometry_predictions[0] / f"{CASES['brats']}.nii.gz")
+    np.testing.assert_array_equal(label_data(output), cropped)
+
+
+def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(geometry_dataset, tmp_path, monkeypatch):
+    reference = geometry_dataset[1]["brats"][0]
+    output = tmp_path / "case.nii.gz"
+    write_label_like(np.ones(SMALL_SHAPE, dtype=np.uint8), reference, output)
+    previous = output.read_bytes()
+
+    def interrupted_save(image, path):
+        Path(path).write_bytes(b"\x1f\x8b partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(nib, "save", interrupted_save)
+    with pytest.raises(OSError, match="No space"):
+        write_label_like(np.zeros(SMALL_SHAPE, dtype=np.uint8), reference, output)
+    assert os.listdir(tmp_path) == ["case.nii.gz"] and output.read_bytes() == previous
+    with pytest.raises(ValueError, match="shape"):
+        write_label_like(np.zeros((2, 2, 2), dtype=np.uint8), reference, tmp_path / "other.nii.gz")
+
+
+# Mirror TTA and ensembles.
+
+
+def small_networks(count: int) -> list[torch.nn.Module]:
+    """Random 3x3x3 convolutions: not flip-equivariant, so every mirrored pass differs."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return [torch.nn.Conv3d(4, 3, kernel_size=3, padding=1).eval() for _ in range(count)]
+
+
+def test_mirror_tta_is_the_mean_of_the_eight_flipped_predictions():
+    (network,) = small_networks(1)
+    image = torch.randn(1, 4, 6, 7, 8)
+    flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    with torch.no_grad():
+        passes = [torch.sigmoid(network(image.flip(dims))).flip(dims) for dims in flips]
+        single = torch.sigmoid(network(image))
+        tta = EnsembleInferer(SimpleInferer(), mirror_axes=[0, 1, 2])(image, network)
+    torch.testing.assert_close(tta, torch.stack(passes).mean(0))
+    assert not torch.allclose(tta, single, atol=1e-3)
+    with torch.no_grad():
+        first_axis = EnsembleInferer(SimpleInferer(), mirror_axes=[0])(image, network)
+    torch.testing.assert_close(first_axis, (passes[0] + passes[1]) / 2)
+
+
+def test_ensemble_is_the_mean_of_the_single_model_probabilities():
+    first, second = small_networks(2)
+    image = torch.randn(1, 4, 6, 7, 8)
+    with torch.no_grad():
+        ensemble = EnsembleInferer(SimpleInferer(), networks=[first, second])(image)
+        expected = (torch.sigmoid(first(image)) + torch.sigmoid(second(image))) / 2
+    torch.testing.assert_close(ensemble, expected)
+
+
+def test_mirror_axes_are_spatial_axes():
+    with pytest.raises(ValueError, match="mirror_axes"):
+        EnsembleInferer(SimpleInferer(), mirror_axes=[3])
+
+
+def test_config_with_mirror_tta_and_two_checkpoints(geometry_dataset, brats_dataset, detector_checkpoint, tmp_path):
+    second = tmp_path / "second.pt"
+    torch.save(detector_state(scale=2.0), second)
+    workflow = inference_workflow(
+        tmp_path / "predictions", [detector_checkpoint, second], dataset_dir=str(brats_dataset), mirror_axes=[0]
+    )
+    (summary,) = workflow.run()
+    assert summary["written"] == 1 and not summary["failed"]
+    inferer = workflow.inferer
+    assert inferer.flips == [[], [2]]
+    for network, path in zip(inferer.networks, [detector_checkpoint, second], strict=True):
+        assert_same_state(network.state_dict(), torch.load(path))
+        assert not network.training
+    output = tmp_path / "predictions" / f"{CASES['brats']}.nii.gz"
+    assert_label_map_on_grid_of(output, geometry_dataset[1]["brats"][0])
+
+
+# Post-processing.
+
+
+def blob(shape: tuple[int, ...], corner: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(c, c + s) for c, s in zip(corner, size, strict=True))] = True
+    return mask
+
+
+def test_remove_small_components_per_region():
+    """Components of 5 and 9 voxels in every region; min_voxels per region [TC 9, WT 0, ET 10]."""
+    five, nine = blob((12, 12, 12), (1, 1, 1), (5, 1, 1)), blob((12, 12, 12), (6, 6, 6), (3, 3, 1))
+    regions = torch.from_numpy(np.stack([five | nine] * 3).astype(np.float32))
+    out = RemoveSmallComponentsd("pred", min_voxels=[9, 0, 10])({"pred": regions})["pred"]
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out[0].numpy() > 0, nine)  # exactly N voxels is kept
+    np.testing.assert_array_equal(out[1].numpy() > 0, five | nine)
+    assert not out[2].any()
+    out = RemoveSmallComponentsd("pred", min_voxels=6)({"pred": regions})["pred"]
+    np.testing.assert_array_equal(out.numpy() > 0, np.stack([nine] * 3))
+
+
+def test_remove_small_components_counts_26_connected_voxels_as_one():
+    corners = blob((4, 4, 4), (0, 0, 0), (1, 1, 1)) | blob((4, 4, 4), (1, 1, 1), (1, 1, 1))
+    regions = np.stack([corners] * 3).astype(np.uint8)
+    np.testing.assert_array_equal(RemoveSmallComponentsd("pred", min_voxels=2)({"pred": regions})["pred"], regions)
+    with pytest.raises(ValueError, match="min_voxels"):
+        RemoveSmallComponentsd("pred", min_voxels=[1, 2])
+
+
+def tumour_label(num_enhancing: int, num_whole: int = 100) -> torch.Tensor:
+    """(1, 10, 10, 10) label map: `num_whole` tumour voxels, the first `num_enhancing` of them ET, the rest edema."""
+    label = torch.zeros(1000, dtype=torch.uint8)
+    label[:num_whole] = 2
+    label[:num_enhancing] = 3
+    return label.reshape(1, 10, 10, 10)
+
+
+@pytest.mark.parametrize(("num_enhancing", "relabelled"), [(3, True), (4, False), (5, False), (0, False)])
+def test_small_enhancing_tumour_becomes_necrosis(num_enhancing, relabelled):
+    label = tumour_label(num_enhancing)
+    out = SmallEnhancingToNecrosisd("pred", min_fraction=0.04)({"pred": label})["pred"]
+    expected = label.clone()
+    if relabelled:
+        expected[label == 3] = 1
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(label, tumour_label(num_enhancing))  # the input is not modified
+
+
+def test_disabled_post_processing_keeps_the_input():
+    label = tumour_label(1)
+    assert torch.equal(SmallEnhancingToNecrosisd("pred", min_fraction=0.0)({"pred": label})["pred"], label)
+    regions = torch.from_numpy(np.stack([blob((6, 6, 6), (2, 2, 2), (1, 1, 1))] * 3).astype(np.float32))
+    assert torch.equal(RemoveSmallComponentsd("pred", min_voxels=0)({"pred": regions})["pred"], regions)
+    assert torch.equal(RemoveSmallComponentsd("pred", min_voxels=[0, 0, 0])({"pred": regions})["pred"], regions)
+
+
+def config_labels(regions: np.ndarray, **overrides) -> np.ndarray:
+    """The label map that inference.yaml's post-processing makes of region probabilities on the input grid
+    (the steps that need the preprocessed image, brain mask and inversion, are left out)."""
+    workflow = ConfigWorkflow(config_file=INFERENCE_CONFIG, workflow_type="infer", **overrides)
+    workflow.initialize()
+    on_input_grid = (Invertd, MaskOutsideInputd)
+    after_inversion = Compose([t for t in workflow.postprocessing.transforms if not isinstance(t, on_input_grid)])
+    return np.asarray(after_inversion({"pred": MetaTensor(regions.astype(np.float32))})["pred"])[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected_island", "expected_enhancing"),
+    [({}, 2, 3), ({"min_component_voxels": [130, 130, 130]}, 0, 1), ({"min_et_fraction": 0.04}, 2, 1)],
+)
+def test_config_post_processing_options_change_the_labels(overrides, expected_island, expected_enhancing):
+    """Whole tumour of 1000 + 27 voxels (a separate island), core of 216, enhancing of 8 (< 4% of WT)."""
+    shape = (24, 24, 24)
+    tumour, island = blob(shape, (2, 2, 2), (10, 10, 10)), blob(shape, (18, 18, 18), (3, 3, 3))
+    core, enhancing = blob(shape, (4, 4, 4), (6, 6, 6)), blob(shape, (6, 6, 6), (2, 2, 2))
+    label = config_labels(np.stack([core, tumour | island, enhancing]), **overrides)
+    assert set(np.unique(label[island])) == {expected_island}
+    assert set(np.unique(label[enhancing])) == {expected_enhancing}
+    assert set(np.unique(label[core & ~enhancing])) == {1}
+
+
+def test_predictions_outside_the_brain_are_removed():
+    image = torch.zeros(4, 5, 5, 5)
+    image[:, 1:4, 1:4, 1:4] = torch.randn(4, 3, 3, 3)
+    image[0, 0, 0, 0] = 1.0  # one channel nonzero is still inside
+    pred = MaskOutsideInputd(keys="pred")({"pred": torch.ones(3, 5, 5, 5), "image": image})["pred"]
+    inside = (image != 0).any(0)
+    assert torch.equal(pred, inside.expand(3, -1, -1, -1).float())
+    assert pred[:, 0, 0, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+# Checkpoints.
+
+
+@pytest.fixture(scope="module")
+def swin_state(tiny_swin_checkpoint) -> dict[str, torch.Tensor]:
+    return torch.load(tiny_swin_checkpoint, weights_only=True)
+
+
+def swin() -> SwinUNETR:
+    return SwinUNETR(in_channels=4, out_channels=3, feature_size=TINY_FEATURE_SIZE)
+
+
+def test_loads_a_best_model_file(tiny_swin_checkpoint, swin_state):
+    network = load_network_weights(swin(), tiny_swin_checkpoint)
+    assert_same_state(network.state_dict(), swin_state)
+
+
+def test_loads_the_network_of_a_full_training_checkpoint(swin_state, tmp_path):
+    network = swin()
+    network.load_state_dict(swin_state)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    full = {
+        "network": swin_state,
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": WarmupCosineSchedule(optimizer, warmup_steps=1, t_total=10).state_dict(),
+        "trainer": {"epoch": 3, "iteration": 30, "max_epochs": 300, "epoch_length": 10},
+    }
+    torch.save(full, tmp_path / "checkpoint_epoch=3.pt")
+    loaded = load_network_weights(swin(), tmp_path / "checkpoint_epoch=3.pt")
+    assert_same_state(loaded.state_dict(), swin_state)
+
+
+def test_a_gpu_checkpoint_loads_on_the_cpu(tmp_path, monkeypatch):
+    """Storages tagged "cuda:0", as a GPU training run writes them, are mapped to the requested device."""
+    state = detector_state()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, tmp_path / "gpu.pt")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.pt", weights_only=True)
+    network = load_network_weights(torch.nn.Conv3d(4, 3, 1), tmp_path / "gpu.pt", "cpu")
+    assert network.weight.device.type == "cpu"
+    assert_same_state(network.state_dict(), state)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_naming_the_file(tiny_swin_checkpoint):
+    with pytest.raises(RuntimeError, match="does not fit this network definition") as error:
+        load_network_weights(SwinUNETR(in_channels=4, out_channels=3, feature_size=24), tiny_swin_checkpoint)
+    assert str(tiny_swin_checkpoint) in str(error.value)
+
+
+@pytest.mark.parametrize("defect", ["garbage", "empty", "truncated"])
+def test_an_unreadable_checkpoint_is_refused_naming_the_file(defect, tmp_path):
+    torch.save(detector_state(), tmp_path / "model.pt")
+    content = (tmp_path / "model.pt").read_bytes()
+    defects = {"garbage": b"not a checkpoint", "empty": b"", "truncated": content[:400]}
+    (tmp_path / "model.pt").write_bytes(defects[defect])
+    with pytest.raises(RuntimeError, match="cannot read checkpoint .*model.pt"):
+        load_network_weights(torch.nn.Conv3d(4, 3, 1), tmp_path / "model.pt")
