@@ -76,8 +76,9 @@ class SmallEnhancingToNecrosisd(MapTransform):
 
 class MaskOutsideInputd(MapTransform):
     """Zero predictions wherever every channel of `source_key` is 0: outside the skull-stripped brain
-    there is no tumour, and an undertrained network may still mark speckles there that the lesion-wise
-    metrics count as false positives. Needs the prediction and the source on the same grid."""
+    there is no tumour, yet a network may mark speckles there (notably along the brain's edge once a
+    coarse prediction is resampled back), which the lesion-wise metrics count as false positives.
+    Needs the prediction and the source on the same grid: the input as loaded, after inversion."""
 
     def __init__(self, keys: KeysCollection, source_key: str = "image", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
