@@ -70,6 +70,6 @@ def test_output_prior_sets_initial_probability():
     network = set_output_prior(SwinUNETR(4, 3, feature_size=12), prior=0.05)
     bias = network.out.conv.conv.bias
     assert torch.allclose(torch.sigmoid(bias), torch.full_like(bias, 0.05))
-    assert math.isclose(float(bias[0]), math.log(0.05 / 0.95), rel_tol=1e-6)
+    assert math.isclose(float(bias[0].detach()), math.log(0.05 / 0.95), rel_tol=1e-6)
     with pytest.raises(ValueError, match="prior"):
         set_output_prior(network, prior=1.0)
