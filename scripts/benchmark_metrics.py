@@ -1,4 +1,7 @@
-"""Time ``compute_case_metrics`` on synthetic full-size BraTS cases (240 x 240 x 155, several lesions per region).
+"""Time ``compute_case_metrics`` on full-size synthetic BraTS-PED cases (240 x 240 x 155).
+
+The ground truth comes from ``scripts.synthetic``; the prediction perturbs its boundaries, misses a
+tumour now and then and adds small false-positive lesions, so every lesion-wise path is exercised.
 
 python -m scripts.benchmark_metrics [--num_cases 5] [--seed 0] [--challenge PED]
 """
@@ -7,53 +10,14 @@ from __future__ import annotations
 
 import time
 
+import cc3d
 import fire
 import numpy as np
 from scipy import ndimage
 
 from scripts.labels import labels_to_regions, regions_to_labels
 from scripts.metrics import compute_case_metrics
-
-BRATS_SHAPE = (240, 240, 155)
-
-
-def noisy_ellipsoid(rng: np.random.Generator, radii: np.ndarray, roughness: float = 0.3) -> np.ndarray:
-    """Boolean blob with the given radii (voxels) and a smoothly perturbed boundary, centred in its own box."""
-    half = np.ceil(radii * (1 + roughness)).astype(int) + 1
-    grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
-    radius = np.sqrt(sum((grid / r) ** 2 for grid, r in zip(grids, radii, strict=True)))
-    noise = ndimage.gaussian_filter(rng.standard_normal(radius.shape), sigma=max(float(radii.min()) / 3, 1.0))
-    noise /= np.abs(noise).max() + 1e-12
-    return radius < 1 + roughness * noise
-
-
-def paste(volume: np.ndarray, mask: np.ndarray, centre: np.ndarray, value: int) -> None:
-    """Write ``value`` into ``volume`` where ``mask`` (centred on ``centre``) is set, clipped to the volume."""
-    start = centre - np.asarray(mask.shape) // 2
-    target, source = [], []
-    for lo, size, limit in zip(start, mask.shape, volume.shape, strict=True):
-        first, last = max(lo, 0), min(lo + size, limit)
-        target.append(slice(first, last))
-        source.append(slice(first - lo, last - lo))
-    volume[tuple(target)][mask[tuple(source)]] = value
-
-
-def draw_tumour(volume: np.ndarray, rng: np.random.Generator, centre: np.ndarray, radius: float) -> None:
-    """Nested tumour: edema (2) around a core (1) whose rim is patchy enhancing tumour (3); ``rng`` fixes its shape."""
-    radii = radius * rng.uniform(0.8, 1.2, 3)
-    paste(volume, noisy_ellipsoid(rng, radii), centre, 2)
-    paste(volume, noisy_ellipsoid(rng, radii * 0.55), centre, 1)
-    rim = noisy_ellipsoid(rng, radii * 0.5)
-    inner = _centre_crop(noisy_ellipsoid(rng, radii * 0.35), rim.shape)
-    patches = ndimage.gaussian_filter(rng.standard_normal(rim.shape), sigma=2.0) > 0.05
-    paste(volume, rim & ~inner & patches, centre, 3)
-
-
-def _centre_crop(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Zero-pad or crop ``mask`` around its centre to ``shape``."""
-    out = np.zeros(shape, dtype=bool)
-    paste(out, mask, np.asarray(shape) // 2, True)
-    return out
+from scripts.synthetic import make_case
 
 
 def perturbed(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -71,19 +35,17 @@ def perturbed(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthetic_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A GT label map with a main tumour and satellites, and a prediction that perturbs, misses and adds lesions."""
-    gt, detected = np.zeros(BRATS_SHAPE, np.uint8), np.zeros(BRATS_SHAPE, np.uint8)
-    lesions = [(rng.integers(80, 160, 3), rng.uniform(18, 30))]
-    lesions += [(rng.integers(50, 190, 3), rng.uniform(3, 10)) for _ in range(rng.integers(2, 6))]
-    for index, (centre, radius) in enumerate(lesions):
-        centre = (centre * [1, 1, 0.65]).astype(int)
-        seed = int(rng.integers(2**31))
-        draw_tumour(gt, np.random.default_rng(seed), centre, radius)
-        if index == 0 or rng.random() < 0.8:  # the main tumour is always found, a satellite now and then missed
-            draw_tumour(detected, np.random.default_rng(seed), centre, radius)
-    pred = perturbed(detected, rng)
+    """(ground truth, prediction): perturbed, may miss the smallest tumour, adds 0-3 small false lesions."""
+    _, gt, _ = make_case(rng)
+    pred = perturbed(gt, rng)
+    tumours, count = cc3d.connected_components(gt > 0, connectivity=26, return_N=True)
+    if count > 1 and rng.random() < 0.5:
+        pred[tumours == 1 + np.argmin(np.bincount(tumours.ravel())[1:])] = 0
+    grid = np.indices(gt.shape, sparse=True)
     for _ in range(rng.integers(0, 4)):
-        draw_tumour(pred, rng, (rng.integers(50, 190, 3) * [1, 1, 0.65]).astype(int), rng.uniform(2, 6))
+        centre, radius = rng.integers((40, 40, 20), (200, 200, 135)), rng.uniform(2, 5)
+        ball = sum((axis - c) ** 2 for axis, c in zip(grid, centre, strict=True)) <= radius**2
+        pred[ball & (pred == 0)] = rng.choice((1, 2, 3))
     return gt, pred
 
 
