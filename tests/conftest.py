@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +18,7 @@ from scripts.prepare_datalist import make_datalist, write_json_atomic
 from scripts.synthetic import generate_dataset
 
 SMALL_SHAPE = (64, 64, 40)
+REPOSITORY = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +90,41 @@ def tiny_swin_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_swin") / "model.pt"
     torch.save(network.state_dict(), path)
     return path
+
+
+def kill_while_writing(command: list[str], folder: Path, final_name: str, timeout: float = 240.0) -> str:
+    """Start `command`, SIGKILL it while it writes a temporary of a file named like `final_name` (a glob) in
+    `folder`, and return the name of the file it was writing."""
+    process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            writing = [path for path in folder.glob(f".{final_name}.partial.*")] if folder.is_dir() else []
+            if writing:
+                os.kill(process.pid, signal.SIGSTOP)  # freeze it, then make sure the write is still under way
+                if writing[0].exists():
+                    os.kill(process.pid, signal.SIGKILL)
+                    process.wait()
+                    return writing[0].name.split(".partial.")[0][1:]
+                os.kill(process.pid, signal.SIGCONT)
+            time.sleep(0.0005)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    raise AssertionError(f"{command} never wrote {final_name} in {folder} (exit status {process.returncode})")
+
+
+def leave_a_temporary(path: Path) -> Path:
+    """What a process killed while writing `path` atomically leaves behind: run one that SIGKILLs itself mid-write,
+    and return the temporary."""
+    code = (
+        "import os, signal\n"
+        "from scripts.atomic import atomic_output\n"
+        f"with atomic_output({str(path)!r}, suffix='.nii.gz') as temporary:\n"
+        "    temporary.write_bytes(b'half a file')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY).returncode == -signal.SIGKILL
+    (temporary,) = path.parent.glob(f".{path.name}.partial.*")
+    return temporary
