@@ -3,8 +3,10 @@
 python -m scripts.evaluate --pred_dir P --gt_dir G --output_dir O [--challenge PED]
 
 Predictions are ``<case-id>.nii.gz`` in P. Ground truth in G is in the BraTS layout (``<case-id>/<case-id>-seg.nii.gz``)
-or flat (``<case-id>-seg.nii.gz`` or ``<case-id>.nii.gz``). Writes ``metrics_per_case.csv``, ``summary.csv`` and
-``summary.json`` to O.
+or flat (``<case-id>-seg.nii.gz`` or ``<case-id>.nii.gz``). Hidden files and folders (names starting with ".", such
+as the temporaries an interrupted inference leaves) are ignored. Before anything is computed or written, every pair is
+checked (readable, one grid, voxel values that are BraTS 2023 labels) and all problems are reported in one error.
+Writes ``metrics_per_case.csv``, ``summary.csv`` and ``summary.json`` to O.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import io
 import json
 import statistics
 import sys
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from scripts.atomic import write_text_atomic
+from scripts.cases import volume_problem
+from scripts.errors import InputError
 from scripts.metrics import METRIC_NAMES, REPORTED_REGIONS, compute_case_metrics, get_challenge
 
 NIFTI_SUFFIX = ".nii.gz"
@@ -32,17 +37,19 @@ PER_CASE_COLUMNS = ("case", "region", *METRIC_NAMES)
 SUMMARY_STATISTICS = ("mean", "std", "median", "p25", "p75")
 # Affines read back from NIfTI headers carry float32 rounding; anything larger is a different grid.
 AFFINE_TOLERANCE = 1e-3
+# Errors a damaged file raises while its header or voxels are read.
+READ_ERRORS = (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError)
 
 CasePair = tuple[str, str, str]  # (case id, prediction path, ground-truth path)
 
 
-class EvaluationInputError(ValueError):
-    """Predictions and ground truth do not pair up or do not share a grid; the message lists every problem."""
+class EvaluationInputError(InputError):
+    """Predictions and ground truth do not pair up, share a grid or hold labels; the message lists every problem."""
 
     def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
+        super().__init__(problems)
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
-        super().__init__(f"cannot evaluate, {len(self.problems)} problem(s):\n{lines}")
+        self.args = (f"cannot evaluate, {len(self.problems)} problem(s):\n{lines}",)
 
 
 def collect_case_pairs(pred_dir: str, gt_dir: str) -> tuple[list[CasePair], list[str]]:
@@ -54,7 +61,9 @@ def collect_case_pairs(pred_dir: str, gt_dir: str) -> tuple[list[CasePair], list
     ]
     if missing:
         return [], missing
-    predictions = {path.name[: -len(NIFTI_SUFFIX)]: path for path in Path(pred_dir).glob(f"*{NIFTI_SUFFIX}")}
+    predictions = {
+        path.name[: -len(NIFTI_SUFFIX)]: path for path in Path(pred_dir).glob(f"*{NIFTI_SUFFIX}") if not _hidden(path)
+    }
     ground_truth, problems = _ground_truth_files(Path(gt_dir))
     for case in sorted(predictions.keys() - ground_truth.keys()):
         problems.append(f"{case}: prediction {predictions[case]} has no ground truth in {gt_dir}")
@@ -75,6 +84,8 @@ def _ground_truth_files(gt_dir: Path) -> tuple[dict[str, Path], list[str]]:
     """Ground-truth file per case id in either layout, and a problem for each case with more than one."""
     found: dict[str, list[Path]] = {}
     for path in sorted(gt_dir.iterdir()):
+        if _hidden(path):
+            continue
         if path.is_dir() and (path / f"{path.name}{SEG_SUFFIX}").is_file():
             found.setdefault(path.name, []).append(path / f"{path.name}{SEG_SUFFIX}")
         elif path.is_file() and path.name.endswith(NIFTI_SUFFIX):
@@ -88,8 +99,14 @@ def _ground_truth_files(gt_dir: Path) -> tuple[dict[str, Path], list[str]]:
     return {case: paths[0] for case, paths in found.items()}, problems
 
 
+def _hidden(path: Path) -> bool:
+    """Hidden names are not cases: an interrupted atomic write leaves ``.<name>.partial...`` beside the outputs."""
+    return path.name.startswith(".")
+
+
 def check_case_pairs(pairs: Sequence[CasePair]) -> list[str]:
-    """Problems that would stop scoring: no cases, repeated case ids, unreadable files, shape or affine mismatches."""
+    """Problems that would stop scoring: no cases, repeated case ids, unreadable files, voxel values that are not
+    labels, shape or affine mismatches."""
     if not pairs:
         return ["no cases to evaluate"]
     case_ids = [case for case, _, _ in pairs]
@@ -100,16 +117,28 @@ def check_case_pairs(pairs: Sequence[CasePair]) -> list[str]:
 
 
 def _pair_problems(case: str, pred_path: str, gt_path: str) -> list[str]:
-    """Why one prediction cannot be scored against its ground truth (reads headers only)."""
+    """Why one prediction cannot be scored against its ground truth; reads the voxels, since headers cannot tell
+    which values a file holds."""
     images, problems = {}, []
     for role, path in (("prediction", pred_path), ("ground truth", gt_path)):
         try:
-            images[role] = nib.load(path)
-        except (OSError, EOFError, nib.filebasedimages.ImageFileError) as error:
+            image = nib.load(path)
+            # Judge the values nibabel returns: a scl_slope turns integer storage into floats.
+            value_problem = volume_problem(np.asanyarray(image.dataobj), label=True)
+        except READ_ERRORS as error:
             problems.append(f"{case}: cannot read {role} {path} ({error})")
-    if problems:
+            continue
+        images[role] = image
+        problems += [f"{case}: {role} {path}: {value_problem}"] if value_problem else []
+    if len(images) < 2:
         return problems
-    pred, gt = images["prediction"], images["ground truth"]
+    return problems + _grid_problems(case, images["prediction"], images["ground truth"], gt_path)
+
+
+def _grid_problems(
+    case: str, pred: nib.spatialimages.SpatialImage, gt: nib.spatialimages.SpatialImage, gt_path: str
+) -> list[str]:
+    """Why a prediction does not lie on its ground truth's voxel grid."""
     if len(gt.shape) != 3:
         return [f"{case}: ground truth {gt_path} is not a 3-D label map (shape {gt.shape})"]
     if pred.shape != gt.shape:

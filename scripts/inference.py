@@ -1,8 +1,9 @@
 """Batch prediction of BraTS cases into submission-ready 2023 label maps.
 
 `CasePredictor` runs a config's preprocessing, inferer and postprocessing case by case: a bad case
-is reported (case, file, reason) and skipped, every output is written atomically on exactly the
-grid and header of the case's t1c file, and finished cases are skipped when a run is repeated.
+(missing, truncated or mismatched files; NaN, Inf or all-zero volumes) is reported (case, file, reason)
+and skipped, every output is written atomically on exactly the grid and header of the case's t1c file,
+finished cases are skipped when a run is repeated, and what a killed run left half-written is removed.
 `EnsembleInferer` averages sigmoid probabilities over checkpoints and mirrored inputs.
 """
 
@@ -22,22 +23,32 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_numpy
 from tqdm import tqdm
 
-from scripts.atomic import atomic_output
-from scripts.prepare_datalist import case_files, case_id_from_path, check_case, find_case_dirs, load_json
+from scripts.atomic import atomic_output, remove_stale_temporaries
+from scripts.cases import case_files, case_id_from_path, check_case, survey_folders
+from scripts.errors import InputError, problem_lines
+from scripts.prepare_datalist import load_json
 
 logger = logging.getLogger(__name__)
 
 
 def cases_in_folder(dataset_dir: str | Path) -> list[dict]:
-    """Every case folder under `dataset_dir` (BraTS layout), as {"case", "image"} dicts."""
-    return [{"case": case["case"], "image": case["image"]} for case in map(case_files, find_case_dirs(dataset_dir))]
+    """Every case folder under `dataset_dir` (BraTS layout), as {"case", "image"} dicts; InputError when there is
+    none, listing why each folder found is not a case."""
+    case_dirs, folder_problems = survey_folders(dataset_dir)
+    if not case_dirs:
+        raise InputError(
+            [f"no cases in {dataset_dir}: expected <case>/<case>-t1c.nii.gz, -t1n, -t2f, -t2w", *folder_problems]
+        )
+    for problem in folder_problems:
+        logger.warning(f"not a case, left out: {problem}")
+    return [{"case": case["case"], "image": case["image"]} for case in map(case_files, case_dirs)]
 
 
 def cases_in_datalist(datalist: str | Path, dataset_dir: str | Path, key: str = "testing") -> list[dict]:
     """The `key` list of a datalist (paths relative to `dataset_dir`), as {"case", "image"} dicts."""
     entries = load_json(datalist).get(key)
-    if entries is None:
-        raise ValueError(f"datalist {datalist} has no '{key}' list")
+    if not entries:
+        raise InputError(f"datalist {datalist} has no cases in a '{key}' list")
     cases = []
     for entry in entries:
         image = [os.path.abspath(os.path.join(dataset_dir, path)) for path in entry["image"]]
@@ -126,16 +137,24 @@ class CasePredictor:
 
     def run(self) -> dict:
         """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed."""
+        if not self.cases:
+            raise InputError("no cases to predict")
         self.network.eval()
+        for path in remove_stale_temporaries(self.output_dir):
+            logger.warning(f"removed {path.name}, left by an interrupted run")
         pending = [case for case in self.cases if self.overwrite or not self.output_path(case).exists()]
         failures: list[str] = []
         for case in tqdm(pending, desc="cases", unit="case"):
-            problems = check_case({**case, "label": None}, check_labels=False)
+            # Headers only: the voxels are checked as preprocessing loads them (LoadCaseImaged).
+            problems = check_case({**case, "label": None}, check_data=False)
             if not problems:
                 try:
                     write_label_like(self.predict(case), case["image"][0], self.output_path(case))
                 except Exception as error:  # one bad case must not stop the batch
-                    problems = [f"{case['case']}: {type(error).__name__}: {error}"]
+                    problems = [
+                        line if line.startswith(f"{case['case']}: ") else f"{case['case']}: {line}"
+                        for line in problem_lines(error)
+                    ]
             for problem in problems:
                 logger.error(problem)
             failures += problems

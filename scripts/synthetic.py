@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from scripts.prepare_datalist import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, case_file_name
+from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, case_file_name
 
 BRATS_SHAPE = (240, 240, 155)
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])

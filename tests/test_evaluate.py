@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from scripts.errors import InputError
 from scripts.evaluate import EvaluationInputError, evaluate_cases, evaluate_folders, main
 from scripts.metrics import METRIC_NAMES
 
@@ -156,3 +157,93 @@ def test_command_line_error_is_readable_and_exits_non_zero(tmp_path):
     assert result.returncode != 0
     assert "BraTS-PED-00010-000" in result.stderr and "no prediction" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_input_problems_are_an_input_error_listing_each_problem(tmp_path):
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00011-000": (tumour(), tumour())})
+    (gt_dir / "BraTS-PED-00011-000" / "BraTS-PED-00011-000-seg.nii.gz").unlink()
+    with pytest.raises(InputError) as caught:
+        evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
+    problem = (
+        f"BraTS-PED-00011-000: prediction {pred_dir / 'BraTS-PED-00011-000.nii.gz'} has no ground truth in {gt_dir}"
+    )
+    assert caught.value.problems == [problem]
+    assert str(caught.value) == f"cannot evaluate, 1 problem(s):\n  - {problem}"
+    assert isinstance(caught.value, EvaluationInputError) and isinstance(caught.value, ValueError)
+
+
+def save_scaled(path: Path, label: np.ndarray, slope: float) -> Path:
+    """Integer storage whose scl_slope makes nibabel return ``label * slope`` as floats."""
+    image = nib.Nifti1Image(label, AFFINE)
+    image.header.set_slope_inter(slope, 0.0)
+    nib.save(image, path)
+    return path
+
+
+@pytest.mark.parametrize("entry", ["folders", "cases"])
+def test_values_that_are_not_2023_labels_are_all_reported_before_anything_is_written(tmp_path, entry):
+    out_of_scheme = tumour()
+    out_of_scheme[0, 0, 0], out_of_scheme[1, 0, 0] = 4, 255
+    cases = {
+        "BraTS-PED-00012-000": (out_of_scheme, tumour()),
+        "BraTS-PED-00013-000": (tumour() + np.float32(0.4), tumour()),
+        "BraTS-PED-00014-000": (tumour(), tumour(et_label=4)),  # 2018-2021 ground truth: ET = 4
+        "BraTS-PED-00015-000": (tumour(), tumour()),
+    }
+    pred_dir, gt_dir = brats_layout(tmp_path, cases)
+    save_scaled(pred_dir / "BraTS-PED-00015-000.nii.gz", tumour(), slope=1.4)
+    pred = {case: pred_dir / f"{case}.nii.gz" for case in cases}
+    gt = {case: gt_dir / case / f"{case}-seg.nii.gz" for case in cases}
+
+    with pytest.raises(EvaluationInputError) as caught:
+        if entry == "folders":
+            evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
+        else:
+            evaluate_cases([(case, str(pred[case]), str(gt[case])) for case in cases], str(tmp_path / "out"))
+
+    outside = "outside [0, 1, 2, 3] (BraTS 2023 labels)"
+    assert caught.value.problems == [
+        f"BraTS-PED-00012-000: prediction {pred['BraTS-PED-00012-000']}: label values [4, 255] {outside}",
+        f"BraTS-PED-00013-000: prediction {pred['BraTS-PED-00013-000']}: non-integer label values [0.4, 1.4, 2.4, 3.4]",
+        f"BraTS-PED-00014-000: ground truth {gt['BraTS-PED-00014-000']}: label values [4] {outside}; "
+        "looks like the 2018-2021 scheme (ET = 4): relabel it 3",
+        f"BraTS-PED-00015-000: prediction {pred['BraTS-PED-00015-000']}: non-integer label values [1.4, 2.8, 4.2]",
+    ]
+    assert str(caught.value).startswith("cannot evaluate, 4 problem(s):\n  - BraTS-PED-00012-000: prediction ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_refuses_out_of_scheme_labels_without_a_traceback(tmp_path):
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00016-000": (tumour(), tumour(et_label=4))})
+    command = [sys.executable, "-m", "scripts.evaluate", "--pred_dir", str(pred_dir), "--gt_dir", str(gt_dir)]
+    result = subprocess.run(
+        [*command, "--output_dir", str(tmp_path / "out")], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    gt_file = gt_dir / "BraTS-PED-00016-000" / "BraTS-PED-00016-000-seg.nii.gz"
+    assert f"  - BraTS-PED-00016-000: ground truth {gt_file}: label values [4] outside [0, 1, 2, 3]" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_valued_float_labels_are_scored(tmp_path):
+    # MONAI savers may store labels as float32; 0.0-3.0 are still labels.
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00017-000": (tumour().astype(np.float32), tumour())})
+    summary = evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
+    assert summary["regions"]["ET"]["legacy_dice"]["mean"] == 1.0
+
+
+def test_hidden_files_and_folders_are_ignored(tmp_path):
+    # An interrupted inference leaves its atomic-write temporaries (hidden names) beside the outputs.
+    case = "BraTS-PED-00018-000"
+    pred_dir, gt_dir = brats_layout(tmp_path, {case: (tumour(), tumour())})
+    save(pred_dir / f".{case}.nii.gz.partial.4242.0123abcd.x7k2q9.nii.gz", tumour(et_label=9))
+    save(gt_dir / f".{case}-seg.nii.gz.partial.4242.0123abcd.p3m8z1.nii.gz", tumour(et_label=9))
+    save(gt_dir / f".{case}" / f".{case}-seg.nii.gz", tumour(et_label=9))
+
+    summary = evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
+
+    assert summary["num_cases"] == 1
+    assert summary["regions"]["ET"]["legacy_dice"]["mean"] == 1.0
+    _, rows = read_csv(tmp_path / "out" / "metrics_per_case.csv")
+    assert {row["case"] for row in rows} == {case}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,12 +22,22 @@ from monai.networks.nets import SwinUNETR
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Compose, CropForegroundd, Invertd
 
+from scripts.atomic import is_temporary
+from scripts.cases import MODALITIES, case_file_name
 from scripts.checkpoints import load_network_weights
-from scripts.inference import EnsembleInferer, write_label_like
+from scripts.errors import InputError
+from scripts.evaluate import evaluate_folders
+from scripts.inference import EnsembleInferer, cases_in_folder, write_label_like
 from scripts.postprocess import MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
-from scripts.prepare_datalist import MODALITIES, case_file_name
 from scripts.synthetic import make_case
-from tests.conftest import INFERENCE_CONFIG, SMALL_SHAPE, TINY_FEATURE_SIZE
+from tests.conftest import (
+    INFERENCE_CONFIG,
+    REPOSITORY,
+    SMALL_SHAPE,
+    TINY_FEATURE_SIZE,
+    kill_while_writing,
+    leave_a_temporary,
+)
 
 TINY_INFERENCE = {"spacing": [4.0, 4.0, 4.0], "roi_size": [64, 64, 64], "sw_batch_size": 1}
 # Where the network does not matter (geometry, bad cases, reruns) a 1x1x1 convolution stands in for
@@ -225,10 +237,16 @@ def test_bad_cases_are_reported_and_skipped(source_case, detector_checkpoint, tm
     shifted = affine.copy()
     shifted[:3, 3] += 4.0
     mismatched = save_case(data, "BraTS-PED-00204-000", {**volumes, "t2f": nifti(images["t2f"], shifted)})
+    with_nan = images["t1c"].copy()
+    with_nan[10, 20, 5] = np.nan
+    nan_case = save_case(data, "BraTS-PED-00205-000", {**volumes, "t1c": nifti(with_nan, affine)})
+    zero_case = save_case(data, "BraTS-PED-00206-000", {**volumes, "t1n": nifti(np.zeros_like(images["t1n"]), affine)})
     expected = {
         "BraTS-PED-00202-000": (missing / case_file_name("BraTS-PED-00202-000", "t2w"), "missing"),
         "BraTS-PED-00203-000": (truncated, "unreadable"),
         "BraTS-PED-00204-000": (mismatched / case_file_name("BraTS-PED-00204-000", "t2f"), "affine differs"),
+        "BraTS-PED-00205-000": (nan_case / case_file_name("BraTS-PED-00205-000", "t1c"), "1 non-finite voxels"),
+        "BraTS-PED-00206-000": (zero_case / case_file_name("BraTS-PED-00206-000", "t1n"), "all voxels are zero"),
     }
     output_dir = tmp_path / "predictions"
     workflow = inference_workflow(output_dir, [detector_checkpoint], dataset_dir=str(data))
@@ -246,7 +264,7 @@ def test_bad_cases_are_reported_and_skipped(source_case, detector_checkpoint, tm
     assert len(lines) == len(expected)
     for line, (case, (path, reason)) in zip(sorted(lines), sorted(expected.items()), strict=True):
         assert line.startswith(f"{case}: {path}: {reason}")
-    assert "1 written, 0 already present (skipped), 3 failed" in caplog.text
+    assert "1 written, 0 already present (skipped), 5 failed" in caplog.text
     assert os.listdir(output_dir) == [f"{good}.nii.gz"]  # nothing partial or temporary
     assert_label_map_on_grid_of(output_dir / f"{good}.nii.gz", data / good / case_file_name(good, "t1c"))
 
@@ -495,7 +513,7 @@ def test_a_gpu_checkpoint_loads_on_the_cpu(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_file(tiny_swin_checkpoint):
-    with pytest.raises(RuntimeError, match="does not fit this network definition") as error:
+    with pytest.raises(InputError, match="does not fit this network definition") as error:
         load_network_weights(SwinUNETR(in_channels=4, out_channels=3, feature_size=24), tiny_swin_checkpoint)
     assert str(tiny_swin_checkpoint) in str(error.value)
 
@@ -506,5 +524,85 @@ def test_an_unreadable_checkpoint_is_refused_naming_the_file(defect, tmp_path):
     content = (tmp_path / "model.pt").read_bytes()
     defects = {"garbage": b"not a checkpoint", "empty": b"", "truncated": content[:400]}
     (tmp_path / "model.pt").write_bytes(defects[defect])
-    with pytest.raises(RuntimeError, match="cannot read checkpoint .*model.pt"):
+    with pytest.raises(InputError, match="model.pt: unreadable checkpoint"):
         load_network_weights(torch.nn.Conv3d(4, 3, 1), tmp_path / "model.pt")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(tmp_path):
+    state = detector_state()
+    state["bias"][1] = float("nan")
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(InputError, match=r"model.pt: network weights hold NaN/Inf \(1 tensors, e.g. bias\)"):
+        load_network_weights(torch.nn.Conv3d(4, 3, 1), tmp_path / "model.pt")
+
+
+def test_a_folder_without_cases_is_an_error_naming_each_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=f"no cases in {empty}"):
+        cases_in_folder(empty)
+    misnamed = tmp_path / "misnamed" / "BraTS2021_00000"
+    misnamed.mkdir(parents=True)
+    for name in ("flair", "t1", "t1ce", "t2"):
+        (misnamed / f"BraTS2021_00000_{name}.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError) as caught:
+        cases_in_folder(misnamed.parent)
+    assert len(caught.value.problems) == 2 and "2018-2021 names" in caught.value.problems[1]
+    assert caught.value.problems[1].startswith(f"BraTS2021_00000: {misnamed}: ")
+
+
+def test_command_line_on_an_empty_folder_fails_in_one_line(detector_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        inference_command(tmp_path, tmp_path / "empty", tmp_path / "predictions", detector_checkpoint),
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: no cases in {tmp_path / 'empty'}" in result.stderr
+    assert not (tmp_path / "predictions").exists() or not os.listdir(tmp_path / "predictions")
+
+
+def inference_command(tmp_path: Path, dataset_dir: Path, output_dir: Path, checkpoint: Path) -> list[str]:
+    """`monai.bundle run` of inference.yaml with the tiny settings and the pointwise network, as a user runs it."""
+    tiny = tmp_path / "tiny_inference.yaml"
+    tiny.write_text(json.dumps({**TINY_INFERENCE, "network_def": POINTWISE_NETWORK}))
+    configs = f"['{INFERENCE_CONFIG}', '{tiny}']"
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs] + [
+        *("--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir)),
+        *("--checkpoints", f"['{checkpoint}']"),
+    ]
+
+
+def test_killed_mid_write_a_rerun_finishes_the_batch_cleanly(source_case, detector_checkpoint, tmp_path):
+    images, seg, affine = source_case
+    data = tmp_path / "data"
+    case_ids = [f"BraTS-PED-{300 + index:05d}-000" for index in range(8)]
+    for case_id in case_ids:
+        case_dir = save_case(data, case_id, {m: nifti(images[m], affine) for m in MODALITIES})
+        nib.save(nifti(seg, affine), case_dir / case_file_name(case_id, "seg"))
+    output_dir = tmp_path / "predictions"
+    command = inference_command(tmp_path, data, output_dir, detector_checkpoint)
+
+    writing = kill_while_writing(command, output_dir, "BraTS-PED-*.nii.gz")
+    finished = sorted(path.name for path in output_dir.iterdir() if not path.name.startswith("."))
+    assert writing not in finished and [path for path in output_dir.iterdir() if is_temporary(path)]
+    for name in finished:  # whatever carries a final name is complete
+        assert label_data(output_dir / name).shape == seg.shape
+
+    rerun = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{len(case_ids) - len(finished)} written, {len(finished)} already present" in rerun.stdout + rerun.stderr
+    assert sorted(os.listdir(output_dir)) == [f"{case_id}.nii.gz" for case_id in case_ids]
+    summary = evaluate_folders(str(output_dir), str(data), str(tmp_path / "scores"))
+    assert summary["num_cases"] == len(case_ids)
+
+
+def test_a_rerun_with_overwrite_also_removes_leftover_temporaries(brats_dataset, detector_checkpoint, tmp_path):
+    output_dir = tmp_path / "predictions"
+    leftover = leave_a_temporary(output_dir / f"{CASES['brats']}.nii.gz")
+    summary = run_inference(output_dir, [detector_checkpoint], dataset_dir=str(brats_dataset), overwrite=True)
+    assert summary["written"] == 1 and not leftover.exists()
+    assert os.listdir(output_dir) == [f"{CASES['brats']}.nii.gz"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,32 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.prepare_datalist import (
-    MODALITIES,
-    TRAINING_FOLDER,
-    VALIDATION_FOLDER,
-    _stored_size_matches,
-    assign_folds,
-    case_files,
-    check_case,
-    find_case_dirs,
-    fold_split,
-    main,
-    make_datalist,
-)
-from scripts.synthetic import BRATS_AFFINE, write_case
-
-TINY = (6, 6, 4)
-
-
-def tiny_case(folder: Path, number: int, with_seg: bool = True) -> Path:
-    """A minimal valid case (6x6x4 voxels) in ``folder``; returns its case folder."""
-    case_id = f"BraTS-PED-{number:05d}-000"
-    images = {modality: np.full(TINY, index + 1, np.float32) for index, modality in enumerate(MODALITIES)}
-    seg = np.zeros(TINY, np.uint8)
-    seg[2:4, 2:4, 1:3] = [[[1, 2], [2, 3]], [[2, 2], [1, 1]]]
-    write_case(folder / case_id, case_id, images, seg if with_seg else None, BRATS_AFFINE)
-    return folder / case_id
+from scripts import prepare_datalist
+from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, find_case_dirs
+from scripts.errors import InputError
+from scripts.prepare_datalist import DatasetError, assign_folds, fold_split, main, make_datalist
+from tests.test_cases import TINY, break_case, save_like, tiny_case, write_old_case
 
 
 def tiny_dataset(root: Path, num_train: int, num_val: int) -> Path:
@@ -47,12 +26,6 @@ def tiny_dataset(root: Path, num_train: int, num_val: int) -> Path:
         folder = TRAINING_FOLDER if index < num_train else VALIDATION_FOLDER
         tiny_case(root / folder, 3 * index + 1, with_seg=index < num_train)
     return root
-
-
-def save_like(case_dir: Path, key: str, data: np.ndarray, affine: np.ndarray = BRATS_AFFINE) -> Path:
-    path = case_dir / f"{case_dir.name}-{key}.nii.gz"
-    nib.save(nib.Nifti1Image(data, affine), path)
-    return path
 
 
 def test_synthetic_dataset_is_clean_and_listed(synthetic_dataset):
@@ -80,14 +53,6 @@ def test_finds_cases_in_a_folder_of_case_folders(tmp_path):
     assert len(find_case_dirs(root)) == 6
 
 
-def test_case_files_lists_modalities_in_order(tmp_path):
-    case_dir = tiny_case(tmp_path, 2, with_seg=False)
-    case = case_files(case_dir)
-    assert case["case"] == "BraTS-PED-00002-000" and case["label"] is None
-    assert [Path(p).name for p in case["image"]] == [f"BraTS-PED-00002-000-{m}.nii.gz" for m in MODALITIES]
-    assert all(os.path.isabs(p) for p in case["image"])
-
-
 def test_folds_partition_and_balance():
     ids = [f"BraTS-PED-{n:05d}-000" for n in range(3, 72, 3)]
     folds = assign_folds(ids, num_folds=5, seed=0)
@@ -109,40 +74,8 @@ def test_fold_count_must_fit_the_cases(num_folds):
         assign_folds(["a", "b", "c", "d", "e"], num_folds, seed=0)
 
 
-def break_case(case_dir: Path, defect: str) -> tuple[str, str]:
-    """Damage one file of a tiny case; returns (file name, expected reason fragment)."""
-    case_id = case_dir.name
-    if defect == "missing modality":
-        (case_dir / f"{case_id}-t2w.nii.gz").unlink()
-        return f"{case_id}-t2w.nii.gz", "missing"
-    if defect == "shape":
-        save_like(case_dir, "t1n", np.ones((6, 6, 5), np.float32))
-        return f"{case_id}-t1n.nii.gz", "shape (6, 6, 5) differs"
-    if defect == "affine":
-        shifted = BRATS_AFFINE.copy()
-        shifted[0, 3] += 0.01
-        save_like(case_dir, "t2f", np.ones(TINY, np.float32), shifted)
-        return f"{case_id}-t2f.nii.gz", "affine differs"
-    if defect == "label 4":
-        seg = np.zeros(TINY, np.uint8)
-        seg[1, 1, 1] = 4
-        save_like(case_dir, "seg", seg)
-        return f"{case_id}-seg.nii.gz", "label values [4]"
-    if defect == "garbage":
-        (case_dir / f"{case_id}-t1c.nii.gz").write_bytes(b"not a nifti file at all" * 20)
-        return f"{case_id}-t1c.nii.gz", "unreadable"
-    if defect == "truncated":
-        path = case_dir / f"{case_id}-t1n.nii.gz"
-        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 30), np.float32), BRATS_AFFINE), path)
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-        return f"{case_id}-t1n.nii.gz", "unreadable"
-    if defect == "no seg in training folder":
-        (case_dir / f"{case_id}-seg.nii.gz").unlink()
-        return f"{case_id}-seg.nii.gz", "missing"
-    raise ValueError(defect)
-
-
 DEFECTS = ["missing modality", "shape", "affine", "label 4", "garbage", "truncated", "no seg in training folder"]
+DEFECTS += ["non-finite voxels", "all-zero modality"]
 
 
 @pytest.mark.parametrize("defect", DEFECTS)
@@ -157,28 +90,6 @@ def test_bad_case_is_named_and_left_out(tmp_path, defect):
     listed = [Path(entry["label"]).parent.name for entry in datalist["training"]]
     assert "BraTS-PED-00007-000" not in listed and len(listed) == 4
     assert len(datalist["testing"]) == 1
-
-
-def test_truncated_case_is_caught_from_the_header_alone(tmp_path):
-    case_dir = tiny_case(tmp_path, 5)
-    _, reason = break_case(case_dir, "truncated")
-    assert any(reason in problem for problem in check_case(case_files(case_dir), check_labels=False))
-
-
-@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
-def test_size_check_accepts_complete_files_without_reading_them(tmp_path, suffix):
-    path = str(tmp_path / f"volume{suffix}")
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 20, 10), np.float32), BRATS_AFFINE), path)
-    assert _stored_size_matches(path, nib.load(path))
-    Path(path).write_bytes(Path(path).read_bytes()[:-100])
-    assert not _stored_size_matches(path, nib.load(path))
-
-
-def test_label_values_are_checked_only_when_asked(tmp_path):
-    case_dir = tiny_case(tmp_path, 5)
-    break_case(case_dir, "label 4")
-    assert check_case(case_files(case_dir), check_labels=False) == []
-    assert len(check_case(case_files(case_dir), check_labels=True)) == 1
 
 
 def test_command_line_writes_atomically_and_summarises(tmp_path, capsys):
@@ -215,8 +126,8 @@ def test_strict_fails_without_writing(tmp_path, capsys):
     assert "BraTS-PED-00004-000" in capsys.readouterr().err
 
 
-def test_empty_folder_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no case folders"):
+def test_empty_folder_is_an_input_error_naming_it(tmp_path):
+    with pytest.raises(InputError, match=f"no case folders under {tmp_path}"):
         make_datalist(tmp_path)
 
 
@@ -243,14 +154,142 @@ def test_fold_split_names_datalist_and_folds_when_out_of_range(tmp_path):
     datalist, _ = make_datalist(root, num_folds=3)
     path = tmp_path / "datalist.json"
     path.write_text(json.dumps(datalist))
-    with pytest.raises(ValueError, match=r"fold 3 .*datalist\.json.*\[0, 1, 2\]"):
+    with pytest.raises(InputError, match=r"fold 3 .*datalist\.json.*\[0, 1, 2\]"):
         fold_split(path, root, fold=3)
 
 
-def test_multi_member_gzip_is_not_mistaken_for_truncation(tmp_path):
-    """A valid file written as two gzip members fails the cheap size test but must still pass."""
-    case_dir = tiny_case(tmp_path, 9)
-    path = case_dir / f"{case_dir.name}-t2w.nii.gz"
-    raw = gzip.decompress(path.read_bytes())
-    path.write_bytes(gzip.compress(raw[:200]) + gzip.compress(raw[200:]))
-    assert check_case(case_files(case_dir)) == []
+def test_problems_come_in_case_order_whichever_check_finishes_first(tmp_path, monkeypatch):
+    root = tiny_dataset(tmp_path, 8, 0)
+    defects = {1: "label 4", 7: "non-finite voxels", 13: "shape", 19: "all-zero modality", 22: "garbage"}
+    for number, defect in defects.items():
+        break_case(root / TRAINING_FOLDER / f"BraTS-PED-{number:05d}-000", defect)
+    _, problems = make_datalist(root, num_folds=2)
+    assert [line.split(": ", 1)[0] for line in problems] == [f"BraTS-PED-{n:05d}-000" for n in defects]
+    monkeypatch.setattr(prepare_datalist, "SCAN_THREADS", 1)
+    assert make_datalist(root, num_folds=2)[1] == problems
+
+
+def test_every_unused_folder_is_reported_and_counted_as_left_out(tmp_path, capsys):
+    """Folders that are not cases and cases of other BraTS cohorts are named with the reason, never skipped
+    silently; a non-BraTS case id is still a case, and hidden folders are not looked at."""
+    root = tiny_dataset(tmp_path / "data", 4, 1)
+    training = root / TRAINING_FOLDER
+    old = write_old_case(training / "BraTS2021_00001", "BraTS2021_00001")
+    misnamed = tiny_case(training, 50, case_id="BraTS-GLI-00050-000").rename(training / "BraTS-PED-00050-000")
+    adult = tiny_case(training, 13, case_id="BraTS-GLI-00013-000")
+    (root / "empty").mkdir()
+    tiny_case(training, 0, case_id="patient01")
+    tiny_case(root / ".trash", 99)
+    output = tmp_path / "datalist.json"
+    fire.Fire(main, command=["--dataset_dir", str(root), "--output", str(output), "--num_folds", "5"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"BraTS-PED-00050-000: {misnamed}: files are named for case BraTS-GLI-00050-000 "
+        "(e.g. BraTS-GLI-00050-000-seg.nii.gz), not for the folder BraTS-PED-00050-000: "
+        "a case folder and its files carry the same case id",
+        f"BraTS2021_00001: {old}: files have BraTS 2018-2021 names (e.g. BraTS2021_00001_flair.nii.gz); "
+        "BraTS 2023 names are expected: BraTS2021_00001-{t1c,t1n,t2f,t2w,seg}.nii.gz "
+        "(t1ce -> t1c, t1 -> t1n, flair -> t2f, t2 -> t2w)",
+        f"empty: {root / 'empty'}: no NIfTI files (.nii.gz or .nii)",
+        f"BraTS-GLI-00013-000: {adult}: case from the BraTS GLI cohort, not pediatric (PED): left out",
+    ]
+    assert captured.out.splitlines()[-1] == (
+        "4 left out with problems: BraTS-GLI-00013-000, BraTS-PED-00050-000, BraTS2021_00001, empty"
+    )
+    training_ids = sorted(Path(entry["label"]).parent.name for entry in json.loads(output.read_text())["training"])
+    assert training_ids == [*(f"BraTS-PED-{n:05d}-000" for n in (1, 4, 7, 10)), "patient01"]
+
+
+def test_only_folders_that_are_not_cases_is_an_error_listing_them(tmp_path):
+    old = write_old_case(tmp_path / "BraTS2021_00001", "BraTS2021_00001")
+    with pytest.raises(InputError) as caught:
+        make_datalist(tmp_path)
+    assert len(caught.value.problems) == 2
+    assert caught.value.problems[0].startswith(f"no case folders under {tmp_path}: ")
+    assert caught.value.problems[1].startswith(f"BraTS2021_00001: {old}: files have BraTS 2018-2021 names")
+
+
+def test_nii_cases_are_listed_and_split(tmp_path):
+    root = tiny_dataset(tmp_path, 4, 0)
+    case_dir = root / TRAINING_FOLDER / "BraTS-PED-00004-000"
+    for path in case_dir.iterdir():
+        nib.save(nib.load(path), str(path)[: -len(".gz")])
+        path.unlink()
+    datalist, problems = make_datalist(root, num_folds=2)
+    assert problems == []
+    (entry,) = [entry for entry in datalist["training"] if "00004" in entry["label"]]
+    assert entry["image"] == [f"{TRAINING_FOLDER}/BraTS-PED-00004-000/BraTS-PED-00004-000-{m}.nii" for m in MODALITIES]
+    train, val = fold_split(datalist, root, fold=entry["fold"])
+    assert "BraTS-PED-00004-000" in {case["case"] for case in val}
+    assert len(train) + len(val) == 4
+
+
+def test_strict_error_is_an_input_error_with_every_problem(tmp_path):
+    root = tiny_dataset(tmp_path, 6, 0)
+    break_case(root / TRAINING_FOLDER / "BraTS-PED-00004-000", "non-finite voxels")
+    (root / "empty").mkdir()
+    with pytest.raises(DatasetError) as caught:
+        make_datalist(root, strict=True)
+    assert isinstance(caught.value, InputError)
+    assert [line.split(": ", 1)[0] for line in caught.value.problems] == ["empty", "BraTS-PED-00004-000"]
+
+
+def test_missing_dataset_folder_is_reported_by_the_command(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fire.Fire(main, command=["--dataset_dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "d.json")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"error: dataset folder not found: {tmp_path / 'nowhere'}\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "datalist not found: {path}"),
+        ("{not json", "{path} is not valid JSON"),
+        ("[]", "{path} should hold a JSON object"),
+        ('{"training": [{"image": [], "label": ""}]}', "datalist {path} has training entries without 'fold'"),
+    ],
+)
+def test_unusable_datalist_is_an_input_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "datalist.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError) as caught:
+        fold_split(path, tmp_path, fold=0)
+    assert caught.value.problems[0].startswith(message.format(path=path))
+
+
+def test_datalist_older_than_the_data_fails_with_every_problem(synthetic_dataset, synthetic_datalist, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_dataset, root)
+    train, val = fold_split(synthetic_datalist, root, fold=0)
+    deleted, truncated, regridded = (train[0]["image"][1], val[1]["label"], train[2]["image"][2])
+    os.remove(deleted)
+    Path(truncated).write_bytes(Path(truncated).read_bytes()[:-200])
+    image = nib.load(regridded)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[::2], image.affine), regridded)
+    with pytest.raises(InputError) as caught:
+        fold_split(synthetic_datalist, root, fold=0)
+    *problems, hint = caught.value.problems
+    assert sorted(problems) == sorted(
+        [
+            f"{train[0]['case']}: {deleted}: missing",
+            f"{val[1]['case']}: {truncated}: unreadable (EOFError: Compressed file ended before the end-of-stream "
+            "marker was reached)",
+            f"{train[2]['case']}: {regridded}: shape (32, 64, 40) differs from {train[2]['case']}-t1c.nii.gz "
+            "(64, 64, 40)",
+        ]
+    )
+    assert hint == (
+        f"the datalist {synthetic_datalist} no longer matches the data in {root}: rebuild it with "
+        f"python -m scripts.prepare_datalist --dataset_dir {root} --output {synthetic_datalist}"
+    )
+
+
+def test_fold_split_reads_headers_only(tmp_path):
+    """Voxel values are the datalist command's and the loading transform's business: splitting stays cheap."""
+    root = tiny_dataset(tmp_path, 4, 0)
+    datalist, _ = make_datalist(root, num_folds=2)
+    save_like(root / TRAINING_FOLDER / "BraTS-PED-00004-000", "t1c", np.full(TINY, np.nan, np.float32))
+    train, val = fold_split(datalist, root, fold=0)
+    assert len(train) + len(val) == 4

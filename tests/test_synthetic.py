@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scripts.prepare_datalist import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER
+from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER
 from scripts.synthetic import BRATS_AFFINE, BRATS_SHAPE, generate_dataset, grid_affine, main, make_case, write_case
 from tests.conftest import SMALL_SHAPE
 

@@ -1,0 +1,294 @@
+"""The BraTS 2023 case layout: where case folders are, what their files are called, and which cases can be used.
+
+A case folder ``<case>`` holds ``<case>-t1c``, ``-t1n``, ``-t2f``, ``-t2w`` and, for training data, ``-seg``
+volumes (``.nii.gz`` or ``.nii``). ``check_case`` lists what makes a case unusable before any work starts;
+``LoadCaseImaged`` refuses the same bad voxels where a config loads the data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.config import KeysCollection
+from monai.data import ImageReader
+from monai.transforms import LoadImaged
+from monai.utils import convert_to_numpy, ensure_tuple
+
+from scripts.errors import InputError
+from scripts.labels import REGION_LABELS, VALID_LABELS
+
+MODALITIES = ("t1c", "t1n", "t2f", "t2w")
+LABEL_KEY = "seg"
+TRAINING_FOLDER = "ASNR-MICCAI-BraTS2023-PED-Challenge-TrainingData"
+VALIDATION_FOLDER = "ASNR-MICCAI-BraTS2023-PED-Challenge-ValidationData"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PEDIATRIC_COHORT = "PED"
+AFFINE_TOLERANCE = 1e-4
+# BraTS 2018-2021 (and MONAI's ConvertToMultiChannelBasedOnBratsClasses) labelled enhancing tumour 4.
+LEGACY_ET_LABEL = 4
+# BraTS 2018-2021 file suffixes and the 2023 name each became.
+OLD_KEYS = {"t1ce": "t1c", "t1": "t1n", "flair": "t2f", "t2": "t2w", "seg": "seg"}
+
+_KEYS = (*MODALITIES, LABEL_KEY)
+_NIFTI_NAME = re.compile(r"\.nii(\.gz)?$")
+_CASE_FILE_NAME = re.compile(rf"^(?P<case>.+)-(?:{'|'.join(_KEYS)})\.nii(\.gz)?$")
+_OLD_FILE_NAME = re.compile(rf"_(?:{'|'.join(OLD_KEYS)})\.nii(\.gz)?$")
+_BRATS_CASE_ID = re.compile(r"^BraTS-(?P<cohort>[A-Za-z]+(?:-[A-Za-z]+)*)-\d+-\d+$")
+_SHOWN_VALUES = 5
+
+
+def case_file_name(case_id: str, key: str, suffix: str = ".nii.gz") -> str:
+    """File name of one volume of a case, e.g. ``BraTS-PED-00002-000-t1c.nii.gz``."""
+    return f"{case_id}-{key}{suffix}"
+
+
+def _case_file(case_dir: Path, key: str) -> Path:
+    """The ``key`` volume of a case folder: its ``.nii.gz`` or ``.nii`` file, whichever exists (else the first)."""
+    candidates = [case_dir / case_file_name(case_dir.name, key, suffix) for suffix in NIFTI_SUFFIXES]
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def _is_case_dir(path: Path) -> bool:
+    """A case folder ``X`` holds at least one ``X-<modality or seg>.nii.gz`` (or ``.nii``)."""
+    return path.is_dir() and any(_case_file(path, key).is_file() for key in _KEYS)
+
+
+def _visible_subfolders(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+def _nifti_names(folder: Path) -> list[str]:
+    return sorted(
+        path.name
+        for path in folder.iterdir()
+        if path.is_file() and not path.name.startswith(".") and _NIFTI_NAME.search(path.name)
+    )
+
+
+def _why_not_a_case(folder: Path) -> str:
+    """Why a folder found where case folders are looked for is not one, in words a user can act on."""
+    names = _nifti_names(folder)
+    if not names:
+        deeper = " (case folders are looked for in the dataset folder and one level down)"
+        return "no NIfTI files (.nii.gz or .nii)" + (deeper if _visible_subfolders(folder) else "")
+    old = [name for name in names if _OLD_FILE_NAME.search(name)]
+    if old:
+        renames = ", ".join(f"{before} -> {after}" for before, after in OLD_KEYS.items() if before != after)
+        return (
+            f"files have BraTS 2018-2021 names (e.g. {old[0]}); BraTS 2023 names are expected: "
+            f"{folder.name}-{{t1c,t1n,t2f,t2w,seg}}.nii.gz ({renames})"
+        )
+    others = sorted({match["case"] for name in names if (match := _CASE_FILE_NAME.match(name))})
+    if others:
+        example = next(name for name in names if _CASE_FILE_NAME.match(name))
+        return (
+            f"files are named for case {', '.join(others)} (e.g. {example}), not for the folder {folder.name}: "
+            "a case folder and its files carry the same case id"
+        )
+    return (
+        f"no {case_file_name(folder.name, 't1c')} (or -t1n, -t2f, -t2w, -seg; .nii.gz or .nii); "
+        f"NIfTI files here: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    )
+
+
+def survey_folders(dataset_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """(case folders, one "folder: path: reason" line per other folder), looking in ``dataset_dir`` and one level
+    down (inside the challenge folders); folders that only hold others and hidden folders are not reported."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise InputError(f"dataset folder not found: {root}")
+    case_dirs, problems = [], []
+    for child in _visible_subfolders(root):
+        grandchildren = _visible_subfolders(child)
+        for folder in (child, *grandchildren):
+            if _is_case_dir(folder):
+                case_dirs.append(folder)
+            elif not (folder is child and grandchildren and not _nifti_names(child)):
+                problems.append(f"{folder.name}: {folder}: {_why_not_a_case(folder)}")
+    return sorted(case_dirs), problems
+
+
+def find_case_dirs(dataset_dir: str | Path) -> list[Path]:
+    """Case folders directly in ``dataset_dir`` or one level down (inside the challenge folders), sorted."""
+    return survey_folders(dataset_dir)[0]
+
+
+def case_files(case_dir: str | Path) -> dict:
+    """Expected files of a case: {"case": id, "image": [t1c, t1n, t2f, t2w paths], "label": seg path or None}."""
+    case_dir = Path(case_dir).absolute()
+    label = _case_file(case_dir, LABEL_KEY)
+    return {
+        "case": case_dir.name,
+        "image": [str(_case_file(case_dir, modality)) for modality in MODALITIES],
+        "label": str(label) if label.is_file() else None,
+    }
+
+
+def case_id_from_path(image_path: str | Path) -> str:
+    """Case id from a volume's file name, e.g. ``BraTS-PED-00002-000-t1c.nii.gz`` -> ``BraTS-PED-00002-000``."""
+    match = _CASE_FILE_NAME.match(Path(image_path).name)
+    return match["case"] if match else Path(image_path).parent.name
+
+
+def cohort_problem(case_id: str) -> str | None:
+    """Why a BraTS case of another cohort (GLI, MEN, MET, SSA...) is not pediatric data, or None."""
+    match = _BRATS_CASE_ID.match(case_id)
+    if match and match["cohort"].upper() != PEDIATRIC_COHORT:
+        return f"case from the BraTS {match['cohort']} cohort, not pediatric ({PEDIATRIC_COHORT}): left out"
+    return None
+
+
+def _listed(values: list) -> str:
+    """A value list for a message, cut after a few values."""
+    more = len(values) - _SHOWN_VALUES
+    shown = ", ".join(f"{value:g}" for value in values[:_SHOWN_VALUES])
+    return f"[{shown}]" + (f" and {more} more" if more > 0 else "")
+
+
+def _label_values(data: np.ndarray) -> np.ndarray:
+    """Distinct values of a label volume of whole numbers; counting is much faster than sorting for small ones."""
+    if data.size and data.min() >= 0 and data.max() < 2**16:
+        return np.flatnonzero(np.bincount(data.ravel(order="K").astype(np.intp, copy=False)))
+    return np.unique(data)
+
+
+def _label_problem(data: np.ndarray) -> str | None:
+    """Why a segmentation's voxel values are not 2023 BraTS labels, or None."""
+    if data.dtype.kind in "fc":
+        whole = np.isfinite(data) & (data == np.round(data))
+        if not whole.all():
+            return f"non-integer label values {_listed(np.unique(data[~whole]).tolist())}"
+    values = {int(value) for value in _label_values(data).tolist()}
+    unexpected = sorted(values - VALID_LABELS)
+    if not unexpected:
+        return None
+    problem = f"label values {_listed(unexpected)} outside {sorted(VALID_LABELS)} (BraTS 2023 labels)"
+    et_label = REGION_LABELS["ET"][0]
+    if LEGACY_ET_LABEL in values and et_label not in values:
+        problem += f"; looks like the 2018-2021 scheme (ET = {LEGACY_ET_LABEL}): relabel it {et_label}"
+    return problem
+
+
+def volume_problem(data: np.ndarray, label: bool = False) -> str | None:
+    """Why a volume must not reach a model, or None: an image with non-finite voxels or nothing but zeros,
+    or a segmentation whose values are not whole-number BraTS 2023 labels."""
+    if label:
+        return _label_problem(data)
+    if data.dtype.kind in "fc":
+        non_finite = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if non_finite:
+            return f"{non_finite} non-finite voxels (NaN/Inf)"
+    if not data.any():
+        return "all voxels are zero (empty volume)"
+    return None
+
+
+def _stored_size_matches(path: str, image: nib.Nifti1Image) -> bool:
+    """Whether the file holds as many bytes as the header announces, without decompressing: a gzip
+    member ends with its uncompressed size mod 2**32, which a truncated download lacks."""
+    proxy = image.dataobj  # nibabel zeroes the in-memory vox_offset; the proxy keeps the real one
+    expected = int(proxy.offset) + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    if not path.endswith(".gz"):
+        return os.path.getsize(path) >= expected
+    with open(path, "rb") as file:
+        file.seek(-4, os.SEEK_END)
+        return int.from_bytes(file.read(4), "little") == expected % 2**32
+
+
+def _other_suffix(path: str) -> str | None:
+    """The same volume's path with the other NIfTI suffix (``.nii.gz`` <-> ``.nii``), or None."""
+    if path.endswith(".nii.gz"):
+        return path[: -len(".gz")]
+    return path + ".gz" if path.endswith(".nii") else None
+
+
+def _open_volume(path: str) -> tuple[nib.Nifti1Image | None, str | None]:
+    """(image with its header read, None) or (None, why it cannot be used)."""
+    if not Path(path).is_file():
+        return None, "missing"
+    twin = _other_suffix(path)
+    if twin and Path(twin).is_file():
+        return None, f"both {Path(path).name} and {Path(twin).name} exist: keep one"
+    try:
+        image = nib.load(path)
+        if len(image.shape) != 3:
+            return None, f"expected a 3D volume, got shape {image.shape}"
+        if not _stored_size_matches(path, image):
+            # Multi-member gzip files also fail the cheap test: only a full read decides. The voxels are kept,
+            # so that the data checks do not read the file again.
+            image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)
+    except Exception as error:
+        return None, f"unreadable ({type(error).__name__}: {error})"
+    return image, None
+
+
+def _grid_problem(image: nib.Nifti1Image, reference_name: str, reference: nib.Nifti1Image) -> str | None:
+    """Why a volume is not on the grid of the case's first readable volume, or None."""
+    if image.shape != reference.shape:
+        return f"shape {image.shape} differs from {reference_name} {reference.shape}"
+    if not np.allclose(image.affine, reference.affine, atol=AFFINE_TOLERANCE):
+        difference = np.abs(image.affine - reference.affine).max()
+        return f"affine differs from {reference_name} (max difference {difference:.3g})"
+    return None
+
+
+def _voxel_problem(image: nib.Nifti1Image, label: bool) -> str | None:
+    """``volume_problem`` of a file's voxels, read once; a file that ends early is unreadable."""
+    try:
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+    return volume_problem(data, label)
+
+
+def check_case(case: dict, check_labels: bool = True, check_data: bool = True) -> list[str]:
+    """Problems of a case from ``case_files``, each "case: file: reason"; empty when the case is usable.
+
+    Headers give presence, shape, affine and completeness cheaply; ``check_data`` also reads every volume once
+    for non-finite or all-zero images and, with ``check_labels``, label values.
+    """
+    reference: tuple[str, nib.Nifti1Image] | None = None
+    problems = []
+    for path in [*case["image"], *([case["label"]] if case["label"] else [])]:
+        is_label = path == case["label"]
+        read_data = check_data and (check_labels or not is_label)
+        image, problem = _open_volume(path)
+        if image is not None and reference is None:
+            reference = (Path(path).name, image)
+        elif image is not None:
+            problem = _grid_problem(image, *reference)
+        if image is not None and problem is None and read_data:
+            problem = _voxel_problem(image, is_label)
+        if problem:
+            problems.append(f"{case['case']}: {path}: {problem}")
+    return problems
+
+
+class LoadCaseImaged(LoadImaged):
+    """LoadImaged that then refuses volumes no model should see (``volume_problem``), raising an InputError with
+    one "case: file: reason" line per bad file; channel i of a key comes from the i-th path given for it."""
+
+    def __init__(self, *args: Any, label_keys: KeysCollection = ("label",), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.label_keys = ensure_tuple(label_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict[Hashable, Any]:
+        loaded = super().__call__(data, reader)
+        problems = []
+        for key in self.key_iterator(loaded):
+            paths = [str(path) for path in ensure_tuple(data[key])]
+            array = convert_to_numpy(loaded[key])
+            volumes = [(paths[0], array)] if len(paths) == 1 else zip(paths, array, strict=True)
+            for path, volume in volumes:
+                problem = volume_problem(volume, label=key in self.label_keys)
+                if problem:
+                    problems.append(f"{case_id_from_path(path)}: {path}: {problem}")
+        if problems:
+            raise InputError(problems)
+        return loaded
