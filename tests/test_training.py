@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -153,17 +155,34 @@ def bundle_command(config: str, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", config, *overrides]
 
 
-def test_command_line_reports_a_problem_in_one_line(synthetic_datalist, tmp_path):
-    missing = tmp_path / "no-such-folder"
-    command = bundle_command(
-        tiny_config(tmp_path), "--dataset_dir", str(missing), "--datalist", str(synthetic_datalist)
-    )
-    command += ["--output_dir", str(tmp_path / "out")]
+@pytest.mark.parametrize("problem", ["dataset_dir", "datalist", "nan_voxel", "debug"])
+def test_command_line_reports_a_problem_in_one_line(problem, synthetic_dataset, synthetic_datalist, tmp_path):
+    dataset_dir, datalist = synthetic_dataset, synthetic_datalist
+    if problem in ("dataset_dir", "debug"):
+        dataset_dir = tmp_path / "no-such-folder"
+        named = str(dataset_dir)
+    elif problem == "datalist":
+        datalist = tmp_path / "no-such-datalist.json"
+        named = f"datalist not found: {datalist}"
+    else:  # a datalist older than the data: one voxel became NaN since it was written
+        dataset_dir = tmp_path / "data"
+        shutil.copytree(synthetic_dataset, dataset_dir)
+        entry = json.loads(datalist.read_text())["training"][0]
+        image = nib.load(dataset_dir / entry["image"][0])
+        data = image.get_fdata(dtype=np.float32)
+        data[10, 10, 10] = np.nan
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), dataset_dir / entry["image"][0])
+        named = f"{dataset_dir / entry['image'][0]}: 1 non-finite voxels (NaN/Inf)"
+    command = bundle_command(tiny_config(tmp_path), "--dataset_dir", str(dataset_dir), "--datalist", str(datalist))
+    command += ["--output_dir", str(tmp_path / "out")] + (["--debug", "true"] if problem == "debug" else [])
     result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
+    if problem == "debug":
+        assert "Traceback" in result.stderr and named in result.stderr
+        return
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and all(str(missing) in line for line in errors)
+    assert errors and all(named in line for line in errors)
 
 
 @pytest.mark.parametrize("target", ["checkpoint_epoch=2.pt", "model.pt"])
