@@ -1,7 +1,9 @@
 # Two entry points: `make demo` (set up, make synthetic cases, train, evaluate) and `make test`.
+# `make demo LABEL_SCHEME=brats2024_ped` runs the demo with today's BraTS-PEDs labels (1 ET, 2 NET, 3 CC, 4 ED).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-DEMO_DATA := data/demo
+LABEL_SCHEME ?= brats2023_ped
+DEMO_DATA := data/demo/$(LABEL_SCHEME)
 BUNDLE_RUN := $(PYTHON) -m monai.bundle run
 DEMO_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml']"
 DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml', 'configs/evaluate.yaml']"
@@ -17,12 +19,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 $(DEMO_DATA)/datalist.json: | setup
-	$(PYTHON) -m scripts.synthetic --output_dir $(DEMO_DATA) --num_train 24 --num_val 4 --seed 0
-	$(PYTHON) -m scripts.prepare_datalist --dataset_dir $(DEMO_DATA) --output $@ --num_folds 5
+	$(PYTHON) -m scripts.synthetic --output_dir $(DEMO_DATA) --num_train 24 --num_val 4 --seed 0 \
+		--label_scheme $(LABEL_SCHEME)
+	$(PYTHON) -m scripts.prepare_datalist --dataset_dir $(DEMO_DATA) --output $@ --num_folds 5 \
+		--label_scheme $(LABEL_SCHEME)
 
 demo: $(DEMO_DATA)/datalist.json
-	$(BUNDLE_RUN) training --config_file $(DEMO_CONFIGS)
-	$(BUNDLE_RUN) evaluating --config_file $(DEMO_EVALUATE_CONFIGS)
+	$(BUNDLE_RUN) training --config_file $(DEMO_CONFIGS) --label_scheme $(LABEL_SCHEME)
+	$(BUNDLE_RUN) evaluating --config_file $(DEMO_EVALUATE_CONFIGS) --label_scheme $(LABEL_SCHEME)
 
 test: setup
 	$(PYTHON) -m pytest -q
@@ -32,4 +36,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check scripts tests
 
 clean-demo:
-	rm -rf $(DEMO_DATA) models/demo
+	rm -rf data/demo models/demo

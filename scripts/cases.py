@@ -1,8 +1,10 @@
-"""The BraTS 2023 case layout: where case folders are, what their files are called, and which cases can be used.
+"""The BraTS case layout: where case folders are, what their files are called, and which cases can be used.
 
 A case folder ``<case>`` holds ``<case>-t1c``, ``-t1n``, ``-t2f``, ``-t2w`` and, for training data, ``-seg``
-volumes (``.nii.gz`` or ``.nii``). ``check_case`` lists what makes a case unusable before any work starts;
-``LoadCaseImaged`` refuses the same bad voxels where a config loads the data.
+volumes (``.nii.gz`` or ``.nii``); the 2023 challenge and the 2024+ BraTS-PEDs releases share it and differ in
+their folder names (``...-TrainingData``, ``Training``, ``BraTS2024-PEDs-Training``...) and label schemes.
+``check_case`` lists what makes a case unusable before any work starts; ``LoadCaseImaged`` refuses the same bad
+voxels where a config loads the data.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from monai.transforms import LoadImaged
 from monai.utils import convert_to_numpy, ensure_tuple
 
 from scripts.errors import InputError
-from scripts.labels import REGION_LABELS, VALID_LABELS
+from scripts.labels import DEFAULT_SCHEME, SCHEMES, LabelScheme, get_scheme
 
 MODALITIES = ("t1c", "t1n", "t2f", "t2w")
 LABEL_KEY = "seg"
@@ -30,8 +32,6 @@ VALIDATION_FOLDER = "ASNR-MICCAI-BraTS2023-PED-Challenge-ValidationData"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PEDIATRIC_COHORT = "PED"
 AFFINE_TOLERANCE = 1e-4
-# BraTS 2018-2021 (and MONAI's ConvertToMultiChannelBasedOnBratsClasses) labelled enhancing tumour 4.
-LEGACY_ET_LABEL = 4
 # BraTS 2018-2021 file suffixes and the 2023 name each became.
 OLD_KEYS = {"t1ce": "t1c", "t1": "t1n", "flair": "t2f", "t2": "t2w", "seg": "seg"}
 
@@ -151,35 +151,46 @@ def _listed(values: list) -> str:
     return f"[{shown}]" + (f" and {more} more" if more > 0 else "")
 
 
-def _label_values(data: np.ndarray) -> np.ndarray:
+def label_values(data: np.ndarray) -> set[int]:
     """Distinct values of a label volume of whole numbers; counting is much faster than sorting for small ones."""
     if data.size and data.min() >= 0 and data.max() < 2**16:
-        return np.flatnonzero(np.bincount(data.ravel(order="K").astype(np.intp, copy=False)))
-    return np.unique(data)
+        return set(np.flatnonzero(np.bincount(data.ravel(order="K").astype(np.intp, copy=False))).tolist())
+    return {int(value) for value in np.unique(data)}
 
 
-def _label_problem(data: np.ndarray) -> str | None:
-    """Why a segmentation's voxel values are not 2023 BraTS labels, or None."""
+def schemes_fitting(values: set[int]) -> list[str]:
+    """Names of the label schemes whose values include all of `values`."""
+    return [name for name, scheme in SCHEMES.items() if values <= scheme.values]
+
+
+def _fraction_problem(data: np.ndarray) -> str | None:
+    """Why a segmentation's voxel values are not whole numbers, or None."""
     if data.dtype.kind in "fc":
         whole = np.isfinite(data) & (data == np.round(data))
         if not whole.all():
             return f"non-integer label values {_listed(np.unique(data[~whole]).tolist())}"
-    values = {int(value) for value in _label_values(data).tolist()}
-    unexpected = sorted(values - VALID_LABELS)
+    return None
+
+
+def label_scheme_problem(values: set[int], label_scheme: str | LabelScheme = DEFAULT_SCHEME) -> str | None:
+    """Why a segmentation with these distinct values is not labelled in `label_scheme`, or None; names the
+    schemes the values do fit, since a dataset of another release is the usual cause."""
+    scheme = get_scheme(label_scheme)
+    unexpected = sorted(values - scheme.values)
     if not unexpected:
         return None
-    problem = f"label values {_listed(unexpected)} outside {sorted(VALID_LABELS)} (BraTS 2023 labels)"
-    et_label = REGION_LABELS["ET"][0]
-    if LEGACY_ET_LABEL in values and et_label not in values:
-        problem += f"; looks like the 2018-2021 scheme (ET = {LEGACY_ET_LABEL}): relabel it {et_label}"
+    problem = f"label values {_listed(unexpected)} outside {sorted(scheme.values)} ({scheme.name}: {scheme.title})"
+    fitting = schemes_fitting(values)
+    if fitting:
+        problem += f"; they fit --label_scheme {' or '.join(fitting)}"
     return problem
 
 
-def volume_problem(data: np.ndarray, label: bool = False) -> str | None:
+def volume_problem(data: np.ndarray, label: bool = False, scheme: str | LabelScheme = DEFAULT_SCHEME) -> str | None:
     """Why a volume must not reach a model, or None: an image with non-finite voxels or nothing but zeros,
-    or a segmentation whose values are not whole-number BraTS 2023 labels."""
+    or a segmentation whose values are not whole-number labels of the label scheme."""
     if label:
-        return _label_problem(data)
+        return _fraction_problem(data) or label_scheme_problem(label_values(data), scheme)
     if data.dtype.kind in "fc":
         non_finite = data.size - int(np.count_nonzero(np.isfinite(data)))
         if non_finite:
@@ -238,45 +249,78 @@ def _grid_problem(image: nib.Nifti1Image, reference_name: str, reference: nib.Ni
     return None
 
 
-def _voxel_problem(image: nib.Nifti1Image, label: bool) -> str | None:
-    """``volume_problem`` of a file's voxels, read once; a file that ends early is unreadable."""
+def _read_voxels(image: nib.Nifti1Image, label: bool) -> tuple[str | None, set[int] | None]:
+    """(problem, None) or (None, a segmentation's distinct values; None for an image) from a file's voxels, read
+    once: non-finite or all-zero images and fractional labels are problems, and so is a file that ends early."""
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as error:
-        return f"unreadable ({type(error).__name__}: {error})"
-    return volume_problem(data, label)
+        return f"unreadable ({type(error).__name__}: {error})", None
+    if not label:
+        return volume_problem(data), None
+    problem = _fraction_problem(data)
+    return problem, None if problem else label_values(data)
 
 
-def check_case(case: dict, check_labels: bool = True, check_data: bool = True) -> list[str]:
-    """Problems of a case from ``case_files``, each "case: file: reason"; empty when the case is usable.
+def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) -> tuple[list[str], set[int] | None]:
+    """(problems of a case from ``case_files``, each "case: file: reason", the distinct values of its
+    segmentation or None when there is none or it was not read), all but the label scheme's check: a dataset's
+    scheme may be told from the values of all its cases, so each file is read once, before it is known.
 
     Headers give presence, shape, affine and completeness cheaply; ``check_data`` also reads every volume once
-    for non-finite or all-zero images and, with ``check_labels``, label values.
+    for non-finite or all-zero images and, with ``check_labels``, whole-number label values.
     """
     reference: tuple[str, nib.Nifti1Image] | None = None
-    problems = []
+    problems, values = [], None
     for path in [*case["image"], *([case["label"]] if case["label"] else [])]:
         is_label = path == case["label"]
-        read_data = check_data and (check_labels or not is_label)
         image, problem = _open_volume(path)
         if image is not None and reference is None:
             reference = (Path(path).name, image)
         elif image is not None:
             problem = _grid_problem(image, *reference)
-        if image is not None and problem is None and read_data:
-            problem = _voxel_problem(image, is_label)
+        if image is not None and problem is None and check_data and (check_labels or not is_label):
+            problem, found = _read_voxels(image, is_label)
+            if is_label:
+                values = found
         if problem:
             problems.append(f"{case['case']}: {path}: {problem}")
-    return problems
+    return problems, values
+
+
+def scheme_problems(case: dict, values: set[int] | None, label_scheme: str | LabelScheme) -> list[str]:
+    """The "case: seg file: reason" line of a case whose segmentation values (from ``survey_case``) fall outside
+    `label_scheme`, or nothing."""
+    problem = None if values is None else label_scheme_problem(values, label_scheme)
+    return [f"{case['case']}: {case['label']}: {problem}"] if problem else []
+
+
+def check_case(
+    case: dict, check_labels: bool = True, check_data: bool = True, label_scheme: str | LabelScheme = DEFAULT_SCHEME
+) -> list[str]:
+    """Problems of a case from ``case_files``, each "case: file: reason"; empty when the case is usable.
+
+    ``survey_case``'s checks, and with ``check_data`` and ``check_labels`` label values of `label_scheme`.
+    """
+    problems, values = survey_case(case, check_labels, check_data)
+    return problems + scheme_problems(case, values, label_scheme)
 
 
 class LoadCaseImaged(LoadImaged):
-    """LoadImaged that then refuses volumes no model should see (``volume_problem``), raising an InputError with
-    one "case: file: reason" line per bad file; channel i of a key comes from the i-th path given for it."""
+    """LoadImaged that then refuses volumes no model should see (``volume_problem``, labels of `label_scheme`),
+    raising an InputError with one "case: file: reason" line per bad file; channel i of a key comes from the i-th
+    path given for it."""
 
-    def __init__(self, *args: Any, label_keys: KeysCollection = ("label",), **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        label_keys: KeysCollection = ("label",),
+        label_scheme: str | LabelScheme = DEFAULT_SCHEME,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.label_keys = ensure_tuple(label_keys)
+        self.label_scheme = get_scheme(label_scheme)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict[Hashable, Any]:
         loaded = super().__call__(data, reader)
@@ -286,7 +330,7 @@ class LoadCaseImaged(LoadImaged):
             array = convert_to_numpy(loaded[key])
             volumes = [(paths[0], array)] if len(paths) == 1 else zip(paths, array, strict=True)
             for path, volume in volumes:
-                problem = volume_problem(volume, label=key in self.label_keys)
+                problem = volume_problem(volume, key in self.label_keys, self.label_scheme)
                 if problem:
                     problems.append(f"{case_id_from_path(path)}: {path}: {problem}")
         if problems:

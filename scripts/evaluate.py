@@ -1,12 +1,15 @@
-"""Score predicted BraTS 2023 label maps against ground truth with the official 2023 metrics.
+"""Score predicted BraTS label maps against ground truth with the official metrics of their label scheme.
 
-python -m scripts.evaluate --pred_dir P --gt_dir G --output_dir O [--challenge PED]
+python -m scripts.evaluate --pred_dir P --gt_dir G --output_dir O [--label_scheme brats2023_ped] [--challenge PED]
 
+The label scheme (``scripts.labels``) says which regions are scored; the challenge names the official rules
+(``scripts.metrics.CHALLENGES``). Each defaults to the other: ``--label_scheme brats2024_ped`` scores with the 2024
+pediatric rules PED2024 and ``--challenge PED2024`` reads 2024 labels; neither means BraTS 2023 PED.
 Predictions are ``<case-id>.nii.gz`` in P. Ground truth in G is in the BraTS layout (``<case-id>/<case-id>-seg.nii.gz``)
 or flat (``<case-id>-seg.nii.gz`` or ``<case-id>.nii.gz``). Hidden files and folders (names starting with ".", such
 as the temporaries an interrupted inference leaves) are ignored. Before anything is computed or written, every pair is
-checked (readable, one grid, voxel values that are BraTS 2023 labels) and all problems are reported in one error.
-Writes ``metrics_per_case.csv``, ``summary.csv`` and ``summary.json`` to O.
+checked (readable, one grid, voxel values that are labels of the scheme) and all problems are reported in one error.
+Writes ``metrics_per_case.csv`` (one row per case and scored region), ``summary.csv`` and ``summary.json`` to O.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from tqdm import tqdm
 from scripts.atomic import write_text_atomic
 from scripts.cases import volume_problem
 from scripts.errors import InputError
-from scripts.metrics import METRIC_NAMES, REPORTED_REGIONS, compute_case_metrics, get_challenge
+from scripts.labels import LabelScheme, get_scheme
+from scripts.metrics import CHALLENGES, METRIC_NAMES, compute_case_metrics, resolve_rules
 
 NIFTI_SUFFIX = ".nii.gz"
 SEG_SUFFIX = "-seg.nii.gz"
@@ -104,19 +108,19 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def check_case_pairs(pairs: Sequence[CasePair]) -> list[str]:
+def check_case_pairs(pairs: Sequence[CasePair], scheme: LabelScheme) -> list[str]:
     """Problems that would stop scoring: no cases, repeated case ids, unreadable files, voxel values that are not
-    labels, shape or affine mismatches."""
+    labels of ``scheme``, shape or affine mismatches."""
     if not pairs:
         return ["no cases to evaluate"]
     case_ids = [case for case, _, _ in pairs]
     problems = [f"{case}: listed more than once" for case in sorted(set(case_ids)) if case_ids.count(case) > 1]
     for case, pred_path, gt_path in pairs:
-        problems += _pair_problems(case, pred_path, gt_path)
+        problems += _pair_problems(case, pred_path, gt_path, scheme)
     return problems
 
 
-def _pair_problems(case: str, pred_path: str, gt_path: str) -> list[str]:
+def _pair_problems(case: str, pred_path: str, gt_path: str, scheme: LabelScheme) -> list[str]:
     """Why one prediction cannot be scored against its ground truth; reads the voxels, since headers cannot tell
     which values a file holds."""
     images, problems = {}, []
@@ -124,7 +128,7 @@ def _pair_problems(case: str, pred_path: str, gt_path: str) -> list[str]:
         try:
             image = nib.load(path)
             # Judge the values nibabel returns: a scl_slope turns integer storage into floats.
-            value_problem = volume_problem(np.asanyarray(image.dataobj), label=True)
+            value_problem = volume_problem(np.asanyarray(image.dataobj), label=True, scheme=scheme)
         except READ_ERRORS as error:
             problems.append(f"{case}: cannot read {role} {path} ({error})")
             continue
@@ -150,29 +154,41 @@ def _grid_problems(
     return []
 
 
-def evaluate_cases(pairs: list[tuple[str, str, str]], output_dir: str, challenge: str = "PED") -> dict:
+def evaluate_cases(
+    pairs: list[tuple[str, str, str]],
+    output_dir: str,
+    challenge: str | None = None,
+    label_scheme: str | LabelScheme | None = None,
+) -> dict:
     """Score (case id, prediction path, GT path) pairs, write the per-case CSV and the summaries, return the summary.
 
-    Every problem with the inputs is reported in one EvaluationInputError before anything is computed.
+    ``challenge`` and ``label_scheme`` default to each other (``scripts.metrics.resolve_rules``); an unknown name is an
+    InputError. Every problem with the inputs is reported in one EvaluationInputError before anything is computed.
     """
-    get_challenge(challenge)
-    problems = check_case_pairs(pairs)
+    challenge, scheme = resolve_rules(challenge, label_scheme)
+    problems = check_case_pairs(pairs, scheme)
     if problems:
         raise EvaluationInputError(problems)
-    return _score_cases(pairs, Path(output_dir), challenge)
+    return _score_cases(pairs, Path(output_dir), challenge, scheme)
 
 
-def evaluate_folders(pred_dir: str, gt_dir: str, output_dir: str, challenge: str = "PED") -> dict:
+def evaluate_folders(
+    pred_dir: str,
+    gt_dir: str,
+    output_dir: str,
+    challenge: str | None = None,
+    label_scheme: str | LabelScheme | None = None,
+) -> dict:
     """Pair a prediction folder with a ground-truth folder by case id, then score as ``evaluate_cases`` does."""
-    get_challenge(challenge)
+    challenge, scheme = resolve_rules(challenge, label_scheme)
     pairs, problems = collect_case_pairs(pred_dir, gt_dir)
-    problems += check_case_pairs(pairs) if pairs else []
+    problems += check_case_pairs(pairs, scheme) if pairs else []
     if problems:
         raise EvaluationInputError(problems)
-    return _score_cases(pairs, Path(output_dir), challenge)
+    return _score_cases(pairs, Path(output_dir), challenge, scheme)
 
 
-def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str) -> dict:
+def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str, scheme: LabelScheme) -> dict:
     """Compute every case's metrics and write the three result files."""
     rows = []
     for case, pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="case"):
@@ -182,9 +198,10 @@ def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str) ->
             np.asanyarray(gt_image.dataobj),
             spacing=[float(zoom) for zoom in gt_image.header.get_zooms()[:3]],
             challenge=challenge,
+            scheme=scheme,
         )
         rows += [{"case": case, **row} for row in metrics]
-    summary = summarize(rows, challenge)
+    summary = summarize(rows, challenge, scheme)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output_dir / PER_CASE_FILE, _csv_text(PER_CASE_COLUMNS, rows))
     summary_rows = [
@@ -197,14 +214,16 @@ def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str) ->
     return summary
 
 
-def summarize(rows: Sequence[dict], challenge: str) -> dict:
-    """Mean, std, median, 25th and 75th percentile of every metric per region over the per-case rows."""
+def summarize(rows: Sequence[dict], challenge: str, label_scheme: str | LabelScheme) -> dict:
+    """Mean, std, median, 25th and 75th percentile of every metric per scored region of the scheme over the per-case
+    rows; also names the rules and the scheme."""
+    scheme = get_scheme(label_scheme)
     cases = {row["case"] for row in rows}
     regions = {}
-    for region in REPORTED_REGIONS:
+    for region in scheme.scored_regions:
         region_rows = [row for row in rows if row["region"] == region]
         regions[region] = {metric: _statistics([float(row[metric]) for row in region_rows]) for metric in METRIC_NAMES}
-    return {"challenge": challenge, "num_cases": len(cases), "regions": regions}
+    return {"challenge": challenge, "label_scheme": scheme.name, "num_cases": len(cases), "regions": regions}
 
 
 def _statistics(values: list[float]) -> dict[str, float]:
@@ -219,9 +238,11 @@ def _statistics(values: list[float]) -> dict[str, float]:
 
 
 def format_summary(summary: dict) -> str:
-    """A small table for the terminal: mean legacy and lesion-wise Dice per region."""
+    """A small table for the terminal: which labels and rules, then mean legacy and lesion-wise Dice per region."""
+    scheme, challenge = get_scheme(summary["label_scheme"]), summary["challenge"]
     lines = [
-        f"{summary['num_cases']} case(s), BraTS 2023 {summary['challenge']} metrics",
+        f"{summary['num_cases']} case(s), labels {scheme.name} ({scheme.title})",
+        f"official {challenge} rules: {CHALLENGES[challenge].description()}",
         f"{'region':<8}{'legacy Dice':>14}{'lesion-wise Dice':>19}",
     ]
     for region, metrics in summary["regions"].items():
@@ -239,11 +260,13 @@ def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
-def main(pred_dir: str, gt_dir: str, output_dir: str, challenge: str = "PED") -> None:
+def main(
+    pred_dir: str, gt_dir: str, output_dir: str, challenge: str | None = None, label_scheme: str | None = None
+) -> None:
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write the results to ``output_dir``."""
     try:
-        summary = evaluate_folders(str(pred_dir), str(gt_dir), str(output_dir), str(challenge))
-    except ValueError as error:  # bad inputs or an unknown challenge: the message says what to fix
+        summary = evaluate_folders(str(pred_dir), str(gt_dir), str(output_dir), challenge, label_scheme)
+    except ValueError as error:  # bad inputs or an unknown challenge or scheme: the message says what to fix
         sys.exit(f"evaluate: {error}")
     print(format_summary(summary))
 

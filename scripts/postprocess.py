@@ -1,8 +1,8 @@
 """Post-processing of predicted tumour regions, as dictionary transforms for the configs.
 
-Applied on the input's own grid after inversion: small components are removed per region
-([TC, WT, ET] channels), then regions become the 2023 label map, then the 2023 BraTS-PED
-winner's rule turns a tiny enhancing tumour into non-enhancing core.
+Applied on the input's own grid after inversion: small components are removed per region channel
+(the label scheme's network regions), then regions become the scheme's label map, then the 2023
+BraTS-PED winner's rule turns a tiny enhancing tumour into the scheme's non-enhancing label.
 """
 
 from __future__ import annotations
@@ -17,20 +17,30 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
-from scripts.labels import REGIONS
+from scripts.labels import DEFAULT_SCHEME, get_scheme
 
 
 class RemoveSmallComponentsd(MapTransform):
     """Remove 26-connected components smaller than `min_voxels` from each binary region channel.
 
-    `min_voxels` is one number for all regions or one per region in [TC, WT, ET] order; 0 keeps all.
+    `min_voxels` is one number for all regions or one per network region of the label scheme, in its channel
+    order (e.g. [TC, WT, ET] for brats2023_ped); 0 keeps all.
     """
 
-    def __init__(self, keys: KeysCollection, min_voxels: int | Sequence[int] = 0, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        min_voxels: int | Sequence[int] = 0,
+        label_scheme: str = DEFAULT_SCHEME,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        sizes = [min_voxels] * len(REGIONS) if isinstance(min_voxels, int) else list(min_voxels)
-        if len(sizes) != len(REGIONS) or any(size < 0 for size in sizes):
-            raise ValueError(f"min_voxels must be a non-negative int or one per region {REGIONS}, got {min_voxels}")
+        channels = get_scheme(label_scheme).channels
+        sizes = [min_voxels] * len(channels) if isinstance(min_voxels, int) else list(min_voxels)
+        if len(sizes) != len(channels) or any(size < 0 for size in sizes):
+            raise ValueError(
+                f"min_voxels must be a non-negative int or one per region {list(channels)}, got {min_voxels}"
+            )
         self.min_voxels = sizes
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
@@ -50,14 +60,21 @@ class RemoveSmallComponentsd(MapTransform):
 
 
 class SmallEnhancingToNecrosisd(MapTransform):
-    """On a 2023 label map: if enhancing tumour is less than `min_fraction` of the whole tumour,
-    relabel it as non-enhancing core (the 2023 BraTS-PED winner used 0.04); 0 disables."""
+    """On a label map: if enhancing tumour is less than `min_fraction` of the whole tumour, relabel it as the
+    scheme's non-enhancing tumour (the 2023 BraTS-PED winner used 0.04); 0 disables."""
 
-    def __init__(self, keys: KeysCollection, min_fraction: float = 0.0, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        min_fraction: float = 0.0,
+        label_scheme: str = DEFAULT_SCHEME,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be within [0, 1], got {min_fraction}")
         self.min_fraction = min_fraction
+        self.scheme = get_scheme(label_scheme)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
@@ -65,11 +82,11 @@ class SmallEnhancingToNecrosisd(MapTransform):
             return d
         for key in self.key_iterator(d):
             label = d[key]
-            enhancing = label == 3
+            enhancing = label == self.scheme.enhancing_label
             num_enhancing = int(enhancing.sum())
             if 0 < num_enhancing < self.min_fraction * int((label > 0).sum()):
                 label = label.clone() if isinstance(label, torch.Tensor) else label.copy()
-                label[enhancing] = 1
+                label[enhancing] = self.scheme.non_enhancing_label
                 d[key] = label
         return d
 

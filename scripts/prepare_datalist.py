@@ -1,9 +1,10 @@
-"""Scan a BraTS-PED 2023 dataset, check every case and write a JSON datalist with cross-validation folds.
+"""Scan a BraTS-PEDs dataset, check every case and write a JSON datalist with cross-validation folds.
 
 The datalist is the file the training config reads (``fold_split``): training cases (with seg) carry
-a fold number, validation-challenge cases (without seg) are listed under "testing". Paths are stored
-relative to the dataset folder so the file survives moving the data. The case layout and the checks
-of a case are ``scripts.cases``.
+a fold number, validation-challenge cases (without seg) are listed under "testing", and "label_scheme"
+names the labels the segmentations were checked against (given, or told from their values by
+``detect_label_scheme``). Paths are stored relative to the dataset folder so the file survives moving
+the data. The case layout and the checks of a case are ``scripts.cases``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,17 +29,28 @@ from scripts.cases import (
     case_id_from_path,
     check_case,
     cohort_problem,
+    scheme_problems,
+    schemes_fitting,
+    survey_case,
     survey_folders,
 )
 from scripts.errors import InputError
+from scripts.labels import DEFAULT_SCHEME, SCHEMES, get_scheme
 
 # Reading a volume is mostly zlib decompression and numpy, which release the GIL: a few threads check
 # several cases at once, and more would only compete for the disk.
 SCAN_THREADS = min(8, os.cpu_count() or 1)
+# Datalists written before they recorded a label scheme were all checked against the BraTS 2023 labels.
+UNRECORDED_SCHEME = "brats2023_ped"
+_EXAMPLES = 3
 
 
 class DatasetError(InputError):
     """Cases failed their checks and strict mode refuses to leave them out."""
+
+
+class LabelSchemeError(InputError):
+    """The label values of a dataset do not tell its label scheme: --label_scheme has to name it."""
 
 
 def assign_folds(case_ids: list[str], num_folds: int, seed: int) -> dict[str, int]:
@@ -56,14 +69,16 @@ def _in_training_folder(case_dir: Path) -> bool:
     return "training" in case_dir.parent.name.lower()
 
 
-def _scan(root: Path) -> tuple[list[dict], list[str]]:
-    """Usable cases (from ``case_files``) and the problem lines of every case and folder left out."""
+def _scan(root: Path) -> tuple[list[str], list[tuple[dict, list[str], set[int] | None]]]:
+    """(problem lines of the folders and other cohorts' cases left out, and every pediatric case from
+    ``case_files`` with its problem lines and segmentation values from ``survey_case``), in folder order."""
     case_dirs, problems = survey_folders(root)
     if not case_dirs:
         raise InputError(
             [
-                f"no case folders under {root}: expected <case>/<case>-t1c.nii.gz etc. in {root} "
-                f"or in {root}/{TRAINING_FOLDER} and {root}/{VALIDATION_FOLDER}",
+                f"no case folders under {root}: expected <case>/<case>-t1c.nii.gz etc. in {root} or one level down, "
+                f"e.g. in {root}/{TRAINING_FOLDER} and {root}/{VALIDATION_FOLDER}, or {root}/Training and "
+                f"{root}/Validation",
                 *problems,
             ]
         )
@@ -76,32 +91,115 @@ def _scan(root: Path) -> tuple[list[dict], list[str]]:
             pediatric.append(case_dir)
     cases = [case_files(case_dir) for case_dir in pediatric]
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
-        checks = list(pool.map(check_case, cases))  # in the order of `cases`, whichever finishes first
-    usable, seen = [], {}
-    for case_dir, case, case_problems in zip(pediatric, cases, checks, strict=True):
+        surveys = list(pool.map(survey_case, cases))  # in the order of `cases`, whichever finishes first
+    checked, seen = [], {}
+    for case_dir, case, (case_problems, values) in zip(pediatric, cases, surveys, strict=True):
         if case["case"] in seen:
             case_problems.append(f"{case['case']}: {case_dir}: duplicate case id (also in {seen[case['case']]})")
         elif case["label"] is None and _in_training_folder(case_dir):
             missing = case_dir / case_file_name(case["case"], LABEL_KEY)
             case_problems.append(f"{case['case']}: {missing}: missing (cases in the training folder need one)")
         seen.setdefault(case["case"], case_dir)
-        if case_problems:
-            problems.extend(case_problems)
-        else:
-            usable.append(case)
-    return usable, problems
+        checked.append((case, case_problems, values))
+    return problems, checked
 
 
-def make_datalist(
-    dataset_dir: str | Path, num_folds: int = 5, seed: int = 0, strict: bool = False
-) -> tuple[dict, list[str]]:
-    """(datalist with paths relative to ``dataset_dir``, problem lines of the cases left out).
+def _as_found(name: str, found: set[int]) -> str:
+    """A scheme as data holding only the `found` values shows it, e.g. "brats2024_ped without ED (4)"."""
+    labels = SCHEMES[name].labels.items()
+    missing = [f"{abbreviation} ({value})" for value, (abbreviation, _) in labels if value not in found]
+    return name + (f" without {', '.join(missing)}" if missing else "")
 
-    Each problem line starts with the case id (or the name of a folder that is not a case). ``strict`` raises
-    ``DatasetError`` instead of leaving cases out.
+
+def _mixture_error(seg_values: Mapping[str, set[int]], found: set[int]) -> LabelSchemeError:
+    """The cases grouped by the schemes they fit, with examples of each group, for a dataset whose cases fit
+    different schemes and no case tells which one all of them are in."""
+    kinds: dict[tuple[str, ...], list[str]] = {}
+    for path, values in seg_values.items():
+        fitting = tuple(schemes_fitting(values))
+        if len(fitting) < len(SCHEMES):  # a case that every scheme fits tells nothing
+            kinds.setdefault(fitting, []).append(path)
+    return LabelSchemeError(
+        [
+            f"label values {sorted(found)} found, in cases that look like a mix of label schemes:",
+            *(
+                f"{len(paths)} case(s) with label values {sorted(set().union(*(seg_values[path] for path in paths)))} "
+                f"(they fit {' or '.join(fitting)}), e.g. {', '.join(map(case_id_from_path, paths[:_EXAMPLES]))}"
+                for fitting, paths in kinds.items()
+            ),
+            "convert them to one scheme, or pass --label_scheme to check every case against one scheme "
+            "(cases that do not fit it are left out and listed)",
+        ]
+    )
+
+
+def detect_label_scheme(seg_values: Mapping[str, set[int]]) -> tuple[str, str]:
+    """(name of the label scheme, why it was chosen) from the distinct values of each segmentation, keyed by
+    its path; LabelSchemeError when the values do not tell it.
+
+    Every brats2023_ped or brats2021 segmentation also fits brats2024_ped, so fitting alone decides nothing: a
+    scheme that alone fits all values is chosen only if some case fits no other (2023 and 2021 cases side by
+    side fit only brats2024_ped as a whole, but no case of theirs holds both 3 and 4); among several schemes
+    that fit, the default is chosen (the labels this bundle always assumed); otherwise --label_scheme decides.
     """
+    unfit = {path: values for path, values in seg_values.items() if not schemes_fitting(values)}
+    if unfit:
+        known = "; ".join(f"{name} {sorted(scheme.values)}" for name, scheme in SCHEMES.items())
+        raise LabelSchemeError(
+            [
+                *(
+                    f"{case_id_from_path(path)}: {path}: label values {sorted(values)} fit no label scheme"
+                    for path, values in unfit.items()
+                ),
+                f"label schemes: {known}; fix the segmentations listed, or pass --label_scheme to check every case "
+                "against one scheme (cases that do not fit it are left out and listed)",
+            ]
+        )
+    if not seg_values:
+        return DEFAULT_SCHEME, "no segmentations to tell it from: the default"
+    found = set().union(*seg_values.values())
+    candidates = schemes_fitting(found)
+    if len(candidates) == 1:
+        (name,) = candidates
+        alone = [values for values in seg_values.values() if schemes_fitting(values) == candidates]
+        if not alone:
+            raise _mixture_error(seg_values, found)
+        others = [other.values for other in SCHEMES.values() if other.name != name]
+        together = " and ".join(map(str, sorted(set().union(*(SCHEMES[name].values - values for values in others)))))
+        return name, f"label values {sorted(found)} found; {together} occur together in {len(alone)} case(s)"
+    if DEFAULT_SCHEME in candidates:
+        others = ", ".join(_as_found(other, found) for other in candidates if other != DEFAULT_SCHEME)
+        return DEFAULT_SCHEME, (
+            f"label values {sorted(found)} found, which the default {DEFAULT_SCHEME} fits; {others} would look the "
+            "same: --label_scheme chooses another"
+        )
+    if candidates:
+        fitting = "; ".join(f"{_as_found(name, found)} ({SCHEMES[name].title})" for name in candidates)
+        raise LabelSchemeError(
+            f"label values {sorted(found)} fit several label schemes alike: {fitting}; say which with "
+            + " or ".join(f"--label_scheme {name}" for name in candidates)
+        )
+    raise _mixture_error(seg_values, found)
+
+
+def _build_datalist(
+    dataset_dir: str | Path, num_folds: int, seed: int, strict: bool, label_scheme: str | None
+) -> tuple[dict, list[str], str]:
+    """``make_datalist``'s datalist and problem lines, and why its label scheme was chosen."""
+    if label_scheme is not None:
+        label_scheme, reason = get_scheme(label_scheme).name, "given with --label_scheme"
     root = Path(dataset_dir).absolute()
-    cases, problems = _scan(root)
+    problems, checked = _scan(root)
+    if label_scheme is None:
+        label_scheme, reason = detect_label_scheme(
+            {case["label"]: values for case, _, values in checked if values is not None}
+        )
+    cases = []
+    for case, case_problems, values in checked:
+        case_problems += scheme_problems(case, values, label_scheme)
+        problems += case_problems
+        if not case_problems:
+            cases.append(case)
     if strict and problems:
         raise DatasetError(problems)
 
@@ -111,6 +209,7 @@ def make_datalist(
     training = [case for case in cases if case["label"] is not None]
     folds = assign_folds([case["case"] for case in training], num_folds, seed) if training else {}
     datalist = {
+        "label_scheme": label_scheme,
         "training": [
             {
                 "image": [relative(p) for p in case["image"]],
@@ -121,6 +220,19 @@ def make_datalist(
         ],
         "testing": [{"image": [relative(p) for p in case["image"]]} for case in cases if case["label"] is None],
     }
+    return datalist, problems, reason
+
+
+def make_datalist(
+    dataset_dir: str | Path, num_folds: int = 5, seed: int = 0, strict: bool = False, label_scheme: str | None = None
+) -> tuple[dict, list[str]]:
+    """(datalist with paths relative to ``dataset_dir``, problem lines of the cases left out).
+
+    Each problem line starts with the case id (or the name of a folder that is not a case). Segmentations are
+    checked against `label_scheme`, or without it against the scheme ``detect_label_scheme`` tells from them.
+    ``strict`` raises ``DatasetError`` instead of leaving cases out.
+    """
+    datalist, problems, _ = _build_datalist(dataset_dir, num_folds, seed, strict, label_scheme)
     return datalist, problems
 
 
@@ -143,15 +255,26 @@ def load_json(path: str | Path) -> dict:
     return content
 
 
-def fold_split(datalist: str | Path | dict, dataset_dir: str | Path, fold: int) -> tuple[list[dict], list[dict]]:
+def fold_split(
+    datalist: str | Path | dict, dataset_dir: str | Path, fold: int, label_scheme: str | None = None
+) -> tuple[list[dict], list[dict]]:
     """(training cases, validation cases) of ``fold``: dicts with absolute "image" and "label" paths and "case".
 
     Every case's headers are checked first, so that a datalist older than the data (a file deleted, truncated
-    or regridded since) fails here with every problem listed, rather than hours into training.
+    or regridded since) fails here with every problem listed, rather than hours into training. With
+    `label_scheme`, a datalist whose labels were checked against another scheme is refused, since training on
+    it would read every label with the wrong meaning.
     """
     name = "<datalist dict>" if isinstance(datalist, dict) else str(datalist)
     if not isinstance(datalist, dict):
         datalist = load_json(datalist)
+    recorded = datalist.get("label_scheme", UNRECORDED_SCHEME)
+    if label_scheme is not None and recorded != get_scheme(label_scheme).name:
+        raise InputError(
+            f"datalist {name} holds {recorded} labels, but label_scheme is {label_scheme}: set label_scheme to "
+            f"{recorded}, or rebuild the datalist with python -m scripts.prepare_datalist --dataset_dir {dataset_dir} "
+            f"--output {name} --label_scheme {label_scheme}"
+        )
     entries = datalist.get("training", [])
     if any("fold" not in entry for entry in entries):
         raise InputError(
@@ -184,12 +307,20 @@ def fold_split(datalist: str | Path | dict, dataset_dir: str | Path, fold: int) 
     return train, val
 
 
-def main(dataset_dir: str, output: str, num_folds: int = 5, seed: int = 0, strict: bool = False) -> None:
+def main(
+    dataset_dir: str,
+    output: str,
+    num_folds: int = 5,
+    seed: int = 0,
+    strict: bool = False,
+    label_scheme: str | None = None,
+) -> None:
     """Check the cases under DATASET_DIR and write the datalist JSON to OUTPUT (bad cases, and folders that are
     not cases, are left out and reported on stderr; with --strict any problem stops the script and nothing is
-    written)."""
+    written). Segmentations are checked against --label_scheme (brats2023_ped, brats2024_ped, brats2021), or
+    without it against the scheme their values tell, which is printed with the reason."""
     try:
-        datalist, problems = make_datalist(dataset_dir, num_folds, seed, strict)
+        datalist, problems, reason = _build_datalist(dataset_dir, num_folds, seed, strict, label_scheme)
     except DatasetError as error:
         for line in error.problems:
             print(line, file=sys.stderr)
@@ -205,6 +336,7 @@ def main(dataset_dir: str, output: str, num_folds: int = 5, seed: int = 0, stric
 
     sizes = np.bincount([entry["fold"] for entry in datalist["training"]], minlength=num_folds)
     left_out = sorted({line.split(": ", 1)[0] for line in problems})
+    print(f"label scheme: {datalist['label_scheme']} ({reason})")
     print(f"wrote {output}")
     print(f"{len(datalist['training'])} training cases in {num_folds} folds (sizes {', '.join(map(str, sizes))})")
     print(f"{len(datalist['testing'])} testing cases")

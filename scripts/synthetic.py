@@ -1,8 +1,9 @@
-"""Synthetic BraTS-PED 2023 cases: MNI152 anatomy with irregular tumours, in the challenge layout.
+"""Synthetic BraTS-PED cases: MNI152 anatomy with irregular tumours, in the 2023 challenge layout.
 
-Cases carry the BraTS geometry (240x240x155, 1 mm, LPS qform), naming and 2023 labels, so the
-data pipeline, training and evaluation can be exercised end to end without the real data.
-A smaller ``shape`` keeps the same field of view with coarser voxels, for fast tests.
+Cases carry the BraTS geometry (240x240x155, 1 mm, LPS qform), naming and the labels of a label scheme (the 2023
+ones by default; brats2024_ped adds fluid-filled cysts), so the data pipeline, training and evaluation can be
+exercised end to end without the real data. A smaller ``shape`` keeps the same field of view with coarser voxels,
+for fast tests.
 """
 
 from __future__ import annotations
@@ -19,23 +20,35 @@ import torch
 from scipy import ndimage
 
 from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, case_file_name
+from scripts.labels import DEFAULT_SCHEME, LabelScheme, get_scheme
 
 BRATS_SHAPE = (240, 240, 155)
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
 # ITK (and so the BraTS preprocessing) writes both transforms with code 1, scanner anatomical.
 XFORM_CODE = 1
 NO_ET_FRACTION = 0.12  # 88 of 99 BraTS-PED training cases have enhancing tumour
+CYST_FRACTION = 0.5  # tumours with a cyst, in schemes that label cysts (pilocytic astrocytomas often have one)
 
-# Mean intensity of each tissue and tumour sub-region per modality, before the per-case scale.
+# Mean intensity of each tissue and tumour sub-region per modality, before the per-case scale; a (low, high)
+# range is drawn per case instead. A cyst is fluid: dark on T1, bright on T2, and on FLAIR as bright as its
+# protein content makes it.
 CONTRASTS = {
-    "t1c": {"csf": 0.32, "gm": 0.72, "wm": 0.90, "edema": 0.62, "ncr": 0.48, "et": 1.45},
-    "t1n": {"csf": 0.30, "gm": 0.70, "wm": 0.90, "edema": 0.62, "ncr": 0.45, "et": 0.65},
-    "t2f": {"csf": 0.12, "gm": 0.62, "wm": 0.50, "edema": 0.95, "ncr": 0.70, "et": 0.80},
-    "t2w": {"csf": 1.00, "gm": 0.62, "wm": 0.45, "edema": 0.88, "ncr": 0.95, "et": 0.70},
+    "t1c": {"csf": 0.32, "gm": 0.72, "wm": 0.90, "edema": 0.62, "core": 0.48, "et": 1.45, "cyst": 0.30},
+    "t1n": {"csf": 0.30, "gm": 0.70, "wm": 0.90, "edema": 0.62, "core": 0.45, "et": 0.65, "cyst": 0.28},
+    "t2f": {"csf": 0.12, "gm": 0.62, "wm": 0.50, "edema": 0.95, "core": 0.70, "et": 0.80, "cyst": (0.40, 0.95)},
+    "t2w": {"csf": 1.00, "gm": 0.62, "wm": 0.45, "edema": 0.88, "core": 0.95, "et": 0.70, "cyst": 1.15},
 }
-TUMOUR_LABELS = {"ncr": 1, "edema": 2, "et": 3}
-# Where tumours overlap, the more specific sub-region wins: ET over NCR over edema.
-LABEL_PRIORITY = np.array([0, 2, 1, 3], dtype=np.uint8)
+# Tumour tissue kinds, coded 1, 2... in this order in a tumour map (0: none); their intensities are mixed in this
+# order, which the output of the 2023 scheme depends on, so new kinds go at the end.
+TISSUES = ("core", "edema", "et", "cyst")
+# Where tumours overlap, the more specific tissue wins: enhancing over cyst over core over edema.
+OVERLAP_ORDER = ("edema", "core", "cyst", "et")
+# The tissue each label abbreviation of a scheme stands for (2023 and 2018-2021 call the core NCR, 2024 NET and
+# label its cysts apart).
+TISSUE_OF_LABEL = {"NCR": "core", "NET": "core", "ED": "edema", "ET": "et", "CC": "cyst"}
+
+_CODE = {tissue: code for code, tissue in enumerate(TISSUES, start=1)}
+_PRIORITY = np.array([0, *(OVERLAP_ORDER.index(tissue) + 1 for tissue in TISSUES)], dtype=np.uint8)
 
 
 def grid_affine(shape: tuple[int, int, int]) -> np.ndarray:
@@ -139,11 +152,30 @@ def _tumour_centre(brain: np.ndarray, spacing: np.ndarray, radius_mm: float, rng
     return candidates[rng.integers(len(candidates))] * stride
 
 
-def _tumour_labels(
-    brain: np.ndarray, spacing: np.ndarray, radius_mm: float, with_et: bool, rng: np.random.Generator
+def _cyst(core: np.ndarray, spacing: np.ndarray, radius_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A round cyst in a tumour core, around a random voxel of its interior and kept off the core's surface, so
+    that tumour tissue walls it in (empty where the core has no interior)."""
+    interior = ndimage.binary_erosion(core)
+    if not interior.any():
+        return interior
+    candidates = np.argwhere(interior)
+    centre = candidates[rng.integers(len(candidates))]
+    cyst_radius_mm = rng.uniform(0.3, 0.6) * radius_mm
+    axes_mm = np.ogrid[tuple(slice(-c, n - c) for c, n in zip(centre, core.shape, strict=True))]
+    distance = np.sqrt(sum((axis * s) ** 2 for axis, s in zip(axes_mm, spacing, strict=True)))
+    return interior & (distance < cyst_radius_mm)
+
+
+def _tumour_tissues(
+    brain: np.ndarray,
+    spacing: np.ndarray,
+    radius_mm: float,
+    with_et: bool,
+    with_cyst: bool,
+    rng: np.random.Generator,
 ) -> tuple[tuple[slice, ...], np.ndarray]:
-    """One tumour in a box of the grid: a 2023 label patch with an irregular edema shell around a core
-    whose enhancing part is a broken rim or scattered blobs."""
+    """One tumour in a box of the grid: a patch of tissue codes with an irregular edema shell around a core
+    whose enhancing part is a broken rim or scattered blobs, and optionally a cyst inside the core."""
     centre = _tumour_centre(brain, spacing, radius_mm, rng)
     half = np.ceil(1.6 * radius_mm / spacing).astype(int) + 1
     lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, brain.shape)
@@ -166,51 +198,56 @@ def _tumour_labels(
         core[tuple(centre - lo)] = True
     whole = (whole | ndimage.binary_dilation(core)) & inside
 
+    # Fluid does not enhance: enhancing tumour lies in the solid part of the core, around any cyst.
+    cyst = _cyst(core, spacing, radius_mm, rng) if with_cyst else np.zeros_like(core)
+    solid = core & ~cyst
     et = np.zeros_like(core)
     if with_et:
         texture = _smooth_noise(box_shape, sigma_vox / 2, rng)
         if rng.random() < 0.6:
-            et = core & (core_field > 1 - rng.uniform(0.2, 0.4)) & (texture > rng.uniform(-1.0, 0.0))
+            et = solid & (core_field > 1 - rng.uniform(0.2, 0.4)) & (texture > rng.uniform(-1.0, 0.0))
         else:
-            et = core & (texture > rng.uniform(0.3, 1.0))
+            et = solid & (texture > rng.uniform(0.3, 1.0))
         if not et.any():
             et = core & ~ndimage.binary_erosion(core)
-    labels = np.where(et, 3, np.where(core, 1, np.where(whole, 2, 0))).astype(np.uint8)
-    return box, labels
+    codes = [_CODE["et"], _CODE["cyst"], _CODE["core"], _CODE["edema"]]
+    tissues = np.select([et, cyst, core, whole], codes, default=0).astype(np.uint8)
+    return box, tissues
 
 
 def _sample_tumours(
-    brain: np.ndarray, spacing: np.ndarray, with_et: bool | None, rng: np.random.Generator
+    brain: np.ndarray, spacing: np.ndarray, with_et: bool | None, with_cysts: bool, rng: np.random.Generator
 ) -> np.ndarray:
-    """Label map with 1-3 tumours: one large and up to two small satellites."""
+    """Tissue-code map with 1-3 tumours: one large and up to two small satellites."""
     if with_et is None:
         with_et = rng.random() >= NO_ET_FRACTION
-    seg = np.zeros(brain.shape, dtype=np.uint8)
+    tumours = np.zeros(brain.shape, dtype=np.uint8)
     num_tumours = rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15])
     for index in range(num_tumours):
         radius_mm = rng.uniform(18, 35) if index == 0 else rng.uniform(8, 16)
         tumour_et = with_et and (index == 0 or rng.random() < 0.5)
-        box, labels = _tumour_labels(brain, spacing, radius_mm, tumour_et, rng)
-        # Keep the more specific label where tumours overlap.
-        seg[box] = np.where(LABEL_PRIORITY[labels] > LABEL_PRIORITY[seg[box]], labels, seg[box])
-    return seg
+        tumour_cyst = with_cysts and rng.random() < CYST_FRACTION
+        box, tissues = _tumour_tissues(brain, spacing, radius_mm, tumour_et, tumour_cyst, rng)
+        # Keep the more specific tissue where tumours overlap.
+        tumours[box] = np.where(_PRIORITY[tissues] > _PRIORITY[tumours[box]], tissues, tumours[box])
+    return tumours
 
 
 def _tumour_mixture(
-    seg: np.ndarray, brain: np.ndarray, spacing: np.ndarray, rng: np.random.Generator
+    tumours: np.ndarray, tissues: tuple[str, ...], brain: np.ndarray, spacing: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brain-voxel positions around the tumours, their soft (NCR, edema, ET) weights (3, m) and a
+    """Brain-voxel positions around the tumours, their soft weights of each of `tissues` (k, m) and a
     shared texture (m,): soft weights give a partial-volume border, the texture heterogeneity."""
-    tumour_voxels = np.argwhere(seg > 0)
+    tumour_voxels = np.argwhere(tumours > 0)
     lo = np.maximum(tumour_voxels.min(0) - 3, 0)
-    hi = np.minimum(tumour_voxels.max(0) + 4, seg.shape)
+    hi = np.minimum(tumour_voxels.max(0) + 4, tumours.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     in_brain = brain[box]
     positions = (np.cumsum(brain, axis=None).reshape(brain.shape)[box] - 1)[in_brain]
     weights = np.stack(
         [
-            ndimage.gaussian_filter((seg[box] == label).astype(np.float32), 0.7 / spacing)[in_brain]
-            for label in TUMOUR_LABELS.values()
+            ndimage.gaussian_filter((tumours[box] == _CODE[tissue]).astype(np.float32), 0.7 / spacing)[in_brain]
+            for tissue in tissues
         ]
     )
     texture = 1 + 0.08 * _smooth_noise(tuple(hi - lo), 2.0 / spacing, rng)[in_brain]
@@ -230,14 +267,19 @@ def _render(
     brain: np.ndarray,
     tissues: np.ndarray,
     coords: np.ndarray,
+    tumour_tissues: tuple[str, ...],
     tumour: tuple[np.ndarray, np.ndarray, np.ndarray],
     rng: np.random.Generator,
 ) -> np.ndarray:
     """One modality: tissue and tumour contrasts, bias field, Rician noise, global scale; 0 outside the brain."""
-    means = {name: np.float32(value * rng.uniform(0.92, 1.08)) for name, value in CONTRASTS[modality].items()}
+    means = {
+        name: np.float32(rng.uniform(*value) if isinstance(value, tuple) else value * rng.uniform(0.92, 1.08))
+        for name, value in CONTRASTS[modality].items()
+        if name in ("csf", "gm", "wm", *tumour_tissues)
+    }
     values = np.array([means["csf"], means["gm"], means["wm"]]) @ tissues
     positions, weights, texture = tumour
-    tumour_means = np.array([means[name] for name in TUMOUR_LABELS])
+    tumour_means = np.array([means[name] for name in tumour_tissues])
     values[positions] = (1 - weights.sum(0)) * values[positions] + (tumour_means @ weights) * texture
 
     values *= _bias_field(coords, rng) * np.float32(np.exp(rng.uniform(np.log(300), np.log(3000))))
@@ -250,22 +292,39 @@ def _render(
     return out
 
 
-def make_case(
-    rng_or_seed: np.random.Generator | int, shape: tuple[int, int, int] = BRATS_SHAPE, with_et: bool | None = None
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """One synthetic case: ({modality: float32 volume}, uint8 2023 label map, affine).
+def _tissue_labels(scheme: LabelScheme) -> dict[str, int]:
+    """{tumour tissue kind: its label value in `scheme`}, in ``TISSUES`` order."""
+    labels = {TISSUE_OF_LABEL[abbreviation]: value for value, (abbreviation, _) in scheme.labels.items()}
+    return {tissue: labels[tissue] for tissue in TISSUES if tissue in labels}
 
-    ``with_et`` None draws whether the case has enhancing tumour (absent in ~12% of cases).
+
+def make_case(
+    rng_or_seed: np.random.Generator | int,
+    shape: tuple[int, int, int] = BRATS_SHAPE,
+    with_et: bool | None = None,
+    label_scheme: str | LabelScheme = DEFAULT_SCHEME,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One synthetic case: ({modality: float32 volume}, uint8 label map in `label_scheme`, affine).
+
+    ``with_et`` None draws whether the case has enhancing tumour (absent in ~12% of cases). Tumours get cysts
+    only where the scheme labels them apart, so the default scheme's cases stay what its seeds always gave.
     """
+    tissue_labels = _tissue_labels(get_scheme(label_scheme))
+    tumour_tissues = tuple(tissue_labels)
     rng = np.random.default_rng(rng_or_seed)
     shape = tuple(int(n) for n in shape)
     spacing = np.array(BRATS_SHAPE) / np.array(shape)
     brain, tissues = _sample_anatomy(shape, rng)
-    seg = _sample_tumours(brain, spacing, with_et, rng)
-    tumour = _tumour_mixture(seg, brain, spacing, rng)
+    tumours = _sample_tumours(brain, spacing, with_et, "cyst" in tissue_labels, rng)
+    tumour = _tumour_mixture(tumours, tumour_tissues, brain, spacing, rng)
     coords = (np.argwhere(brain) / (np.array(shape) - 1) * 2 - 1).T.astype(np.float32)
-    images = {modality: _render(modality, brain, tissues, coords, tumour, rng) for modality in MODALITIES}
-    return images, seg, grid_affine(shape)
+    images = {
+        modality: _render(modality, brain, tissues, coords, tumour_tissues, tumour, rng) for modality in MODALITIES
+    }
+    label_of_code = np.zeros(len(TISSUES) + 1, dtype=np.uint8)
+    for tissue, value in tissue_labels.items():
+        label_of_code[_CODE[tissue]] = value
+    return images, label_of_code[tumours], grid_affine(shape)
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -310,12 +369,15 @@ def generate_dataset(
     seed: int = 0,
     shape: tuple[int, int, int] = BRATS_SHAPE,
     overwrite: bool = False,
+    label_scheme: str = DEFAULT_SCHEME,
 ) -> dict:
-    """Write a training folder (with seg) and a validation folder (without) in the BraTS-PED 2023 layout.
+    """Write a training folder (with seg, labelled in `label_scheme`) and a validation folder (without) in the
+    BraTS-PED 2023 layout.
 
     Returns {"training_dir", "validation_dir", "training", "validation"} (folders and sorted case ids).
     Refuses to replace an existing case folder unless ``overwrite``.
     """
+    scheme = get_scheme(label_scheme)
     output_dir = Path(output_dir)
     id_seed, *case_seeds = np.random.SeedSequence(seed).spawn(1 + num_train + num_val)
     ids = _case_ids(num_train + num_val, np.random.default_rng(id_seed))
@@ -327,7 +389,7 @@ def generate_dataset(
         raise FileExistsError(f"case folder(s) already exist: {', '.join(existing)}; pass overwrite=True to replace")
 
     for index, (case_dir, case_seed) in enumerate(zip(case_dirs, case_seeds, strict=True)):
-        images, seg, affine = make_case(np.random.default_rng(case_seed), shape)
+        images, seg, affine = make_case(np.random.default_rng(case_seed), shape, label_scheme=scheme)
         if case_dir.exists():
             shutil.rmtree(case_dir)
         write_case(case_dir, case_dir.name, images, seg if index < num_train else None, affine)
@@ -356,10 +418,12 @@ def main(
     seed: int = 0,
     shape: str | tuple = BRATS_SHAPE,
     overwrite: bool = False,
+    label_scheme: str = DEFAULT_SCHEME,
 ) -> None:
-    """Write synthetic BraTS-PED 2023 training and validation cases under OUTPUT_DIR."""
+    """Write synthetic BraTS-PED training and validation cases under OUTPUT_DIR, in the 2023 layout, labelled in
+    --label_scheme (brats2023_ped, brats2024_ped with cysts, or brats2021)."""
     try:
-        written = generate_dataset(output_dir, num_train, num_val, seed, _parse_shape(shape), overwrite)
+        written = generate_dataset(output_dir, num_train, num_val, seed, _parse_shape(shape), overwrite, label_scheme)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

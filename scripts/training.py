@@ -5,23 +5,28 @@
   its epoch through the training checkpoint, so a resumed run keeps the real best model.
 - ``GradScalerState`` puts the AMP GradScaler into the checkpoint.
 - ``resume`` continues from the newest usable checkpoint, with the schedule and learning rate of the config.
+- ``region_dice_metrics``: validation Dice per network region of the label scheme.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from monai.handlers import CheckpointLoader, from_engine
+from monai.handlers import CheckpointLoader, IgniteMetricHandler, from_engine
+from monai.metrics import Cumulative
 
 from scripts.atomic import remove_stale_temporaries
 from scripts.checkpoints import finite_or_raise, newest_usable_checkpoint, non_finite_tensors, save_atomic
 from scripts.errors import BundleError
+from scripts.labels import get_scheme, region_output_transform
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +208,14 @@ def resume(
             Events.STARTED, lambda _: _apply_configured_schedule(optimizer, scheduler, settings, learning_rate)
         )
     return path
+
+
+def region_dice_metrics(dice_metric: Cumulative, label_scheme: str, prefix: str = "val") -> dict[str, Any]:
+    """One Dice handler per network region of the label scheme, named ``{prefix}_{region}_dice`` (``val_et_dice``),
+    each with its own copy of `dice_metric`."""
+    return {
+        f"{prefix}_{region.lower()}_dice": IgniteMetricHandler(
+            metric_fn=copy.deepcopy(dice_metric), output_transform=region_output_transform(region, label_scheme)
+        )
+        for region in get_scheme(label_scheme).channels
+    }

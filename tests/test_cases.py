@@ -24,6 +24,7 @@ from scripts.cases import (
     check_case,
     cohort_problem,
     find_case_dirs,
+    survey_case,
     survey_folders,
     volume_problem,
 )
@@ -33,12 +34,15 @@ from scripts.synthetic import BRATS_AFFINE, write_case
 TINY = (6, 6, 4)
 
 
-def tiny_case(folder: Path, number: int, with_seg: bool = True, case_id: str | None = None) -> Path:
-    """A minimal valid case (6x6x4 voxels) in ``folder``; returns its case folder."""
+def tiny_case(
+    folder: Path, number: int, with_seg: bool = True, case_id: str | None = None, labels: tuple[int, ...] = (1, 2, 3)
+) -> Path:
+    """A minimal valid case (6x6x4 voxels) in ``folder`` whose seg holds 0 and `labels` (by default the 2023 ones);
+    returns its case folder."""
     case_id = case_id or f"BraTS-PED-{number:05d}-000"
     images = {modality: np.full(TINY, index + 1, np.float32) for index, modality in enumerate(MODALITIES)}
     seg = np.zeros(TINY, np.uint8)
-    seg[2:4, 2:4, 1:3] = [[[1, 2], [2, 3]], [[2, 2], [1, 1]]]
+    seg[2:4, 2:4, 1:3] = np.resize(labels, 8).reshape(2, 2, 2)
     write_case(folder / case_id, case_id, images, seg if with_seg else None, BRATS_AFFINE)
     return folder / case_id
 
@@ -157,7 +161,7 @@ def test_fractional_label_values_are_named(tmp_path):
     assert check_case(case_files(case_dir)) == [f"BraTS-PED-00003-000: {path}: non-integer label values [1.5, nan]"]
 
 
-OUTSIDE = "outside [0, 1, 2, 3] (BraTS 2023 labels)"
+OUTSIDE = "outside [0, 1, 2, 3] (brats2023_ped: BraTS 2023 (pediatric and adult))"
 
 
 @pytest.mark.parametrize(
@@ -172,7 +176,7 @@ OUTSIDE = "outside [0, 1, 2, 3] (BraTS 2023 labels)"
         (
             np.array([0, 1, 4], np.uint8),
             True,
-            f"label values [4] {OUTSIDE}; looks like the 2018-2021 scheme (ET = 4): relabel it 3",
+            f"label values [4] {OUTSIDE}; they fit --label_scheme brats2024_ped or brats2021",
         ),
         (np.arange(12, dtype=np.uint16), True, f"label values [4, 5, 6, 7, 8] and 3 more {OUTSIDE}"),
         (np.array([0.0, np.inf]), True, "non-integer label values [inf]"),
@@ -180,6 +184,36 @@ OUTSIDE = "outside [0, 1, 2, 3] (BraTS 2023 labels)"
 )
 def test_volume_problem_names_bad_images_and_labels(data, label, expected):
     assert volume_problem(data, label) == expected
+
+
+@pytest.mark.parametrize(
+    ("labels", "problems"),
+    [
+        ((1, 2, 3), {"brats2023_ped": None, "brats2024_ped": None, "brats2021": "[3] outside [0, 1, 2, 4]"}),
+        ((1, 2, 3, 4), {"brats2023_ped": "[4] outside [0, 1, 2, 3]", "brats2024_ped": None, "brats2021": "[3]"}),
+        ((1, 2, 4), {"brats2023_ped": "[4] outside", "brats2024_ped": None, "brats2021": None}),
+    ],
+)
+def test_case_labels_are_checked_against_the_label_scheme(tmp_path, labels, problems):
+    case_dir = tiny_case(tmp_path, 6, labels=labels)
+    case = case_files(case_dir)
+    assert survey_case(case) == ([], {0, *labels})
+    for scheme, problem in problems.items():
+        found = check_case(case, label_scheme=scheme)
+        if problem is None:
+            assert found == []
+        else:
+            (line,) = found
+            assert line.startswith(f"BraTS-PED-00006-000: {case['label']}: label values {problem}")
+            assert f"({scheme}: " in line
+
+
+def test_survey_of_an_unread_or_broken_seg_gives_no_values(tmp_path):
+    case = case_files(tiny_case(tmp_path, 6))
+    assert survey_case(case, check_labels=False) == ([], None)
+    assert survey_case(case, check_data=False) == ([], None)
+    save_like(Path(case["label"]).parent, "seg", np.full(TINY, 1.5, np.float32))
+    assert survey_case(case) == ([f"BraTS-PED-00006-000: {case['label']}: non-integer label values [1.5]"], None)
 
 
 def test_nii_files_are_a_case_like_nii_gz(tmp_path):
@@ -232,6 +266,21 @@ def write_old_case(folder: Path, case_id: str) -> Path:
     for key in ("flair", "t1", "t1ce", "t2", "seg"):
         nib.save(nib.Nifti1Image(np.ones(TINY, np.float32), BRATS_AFFINE), folder / f"{case_id}_{key}.nii.gz")
     return folder
+
+
+@pytest.mark.parametrize(
+    ("training", "validation"),
+    [
+        ("Training", "Validation"),
+        ("BraTS2024-PEDs-Training", "BraTS2024-PEDs-Validation"),
+        ("ASNR-MICCAI-BraTS2023-PED-Challenge-TrainingData", "ASNR-MICCAI-BraTS2023-PED-Challenge-ValidationData"),
+    ],
+)
+def test_survey_finds_the_cases_of_every_release_layout(tmp_path, training, validation):
+    """The 2024+ BraTS-PEDs collection puts cases in Training/ and Validation/ (or challenge-named folders)."""
+    train_cases = [tiny_case(tmp_path / training, number, labels=(1, 2, 3, 4)) for number in (1, 17)]
+    val_cases = [tiny_case(tmp_path / validation, 90, with_seg=False)]
+    assert survey_folders(tmp_path) == (sorted(train_cases + val_cases), [])
 
 
 def test_survey_says_why_each_other_folder_is_not_a_case(tmp_path):
@@ -309,7 +358,7 @@ def test_load_case_keeps_meta_dicts_and_missing_keys(loader_case):
     [
         (2, "nan", "1 non-finite voxels (NaN/Inf)"),
         (1, "zeros", "all voxels are zero (empty volume)"),
-        (4, "label 4", "label values [4] outside [0, 1, 2, 3] (BraTS 2023 labels)"),
+        (4, "label 4", f"label values [4] {OUTSIDE}; they fit --label_scheme brats2024_ped"),
         (4, "label 1.5", "non-integer label values [1.5]"),
     ],
 )
@@ -326,6 +375,23 @@ def test_load_case_refuses_bad_volumes_naming_the_file(loader_case, index, data,
     with pytest.raises(InputError) as caught:
         LoadCaseImaged(**LOADER_SETTINGS)(loader_case)
     assert caught.value.problems == [f"BraTS-PED-00004-000: {paths[index]}: {reason}"]
+
+
+def test_load_case_checks_labels_of_its_label_scheme(loader_case):
+    seg = np.zeros(TINY, np.uint8)
+    seg[1:3, 1, 1:3] = [[1, 2], [3, 4]]
+    nib.save(nib.Nifti1Image(seg, BRATS_AFFINE), loader_case["label"])
+    loaded = LoadCaseImaged(**LOADER_SETTINGS, label_scheme="brats2024_ped")(loader_case)
+    assert set(torch.unique(loaded["label"]).tolist()) == {0, 1, 2, 3, 4}
+    with pytest.raises(InputError, match=r"label values \[4\] outside \[0, 1, 2, 3\] \(brats2023_ped"):
+        LoadCaseImaged(**LOADER_SETTINGS)(loader_case)
+    with pytest.raises(InputError, match=r"label values \[3\] outside \[0, 1, 2, 4\] \(brats2021"):
+        LoadCaseImaged(**LOADER_SETTINGS, label_scheme="brats2021")(loader_case)
+
+
+def test_load_case_refuses_an_unknown_label_scheme_when_built():
+    with pytest.raises(InputError, match="unknown label_scheme 'brats2024'; valid: brats2023_ped, brats2024_ped"):
+        LoadCaseImaged(**LOADER_SETTINGS, label_scheme="brats2024")
 
 
 def test_load_case_lists_every_bad_file(loader_case):

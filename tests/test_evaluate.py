@@ -133,9 +133,14 @@ def test_affine_mismatch_names_the_case(tmp_path):
         evaluate_cases(pairs, str(tmp_path / "out"))
 
 
-def test_unknown_challenge_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="valid names: PED"):
+def test_unknown_challenge_or_label_scheme_is_refused(tmp_path):
+    with pytest.raises(
+        InputError, match="unknown challenge 'BraTS-XYZ'; valid names: PED, GLI, SSA, MEN, MET, PED2024"
+    ):
         evaluate_cases([], str(tmp_path / "out"), challenge="BraTS-XYZ")
+    with pytest.raises(InputError, match="unknown label_scheme 'brats2025'; valid: brats2023_ped, brats2024_ped"):
+        evaluate_folders(str(tmp_path), str(tmp_path), str(tmp_path / "out"), label_scheme="brats2025")
+    assert not (tmp_path / "out").exists()
 
 
 def test_command_line_prints_a_summary_table(tmp_path, capsys):
@@ -201,12 +206,12 @@ def test_values_that_are_not_2023_labels_are_all_reported_before_anything_is_wri
         else:
             evaluate_cases([(case, str(pred[case]), str(gt[case])) for case in cases], str(tmp_path / "out"))
 
-    outside = "outside [0, 1, 2, 3] (BraTS 2023 labels)"
+    outside = "outside [0, 1, 2, 3] (brats2023_ped: BraTS 2023 (pediatric and adult))"
     assert caught.value.problems == [
         f"BraTS-PED-00012-000: prediction {pred['BraTS-PED-00012-000']}: label values [4, 255] {outside}",
         f"BraTS-PED-00013-000: prediction {pred['BraTS-PED-00013-000']}: non-integer label values [0.4, 1.4, 2.4, 3.4]",
         f"BraTS-PED-00014-000: ground truth {gt['BraTS-PED-00014-000']}: label values [4] {outside}; "
-        "looks like the 2018-2021 scheme (ET = 4): relabel it 3",
+        "they fit --label_scheme brats2024_ped or brats2021",
         f"BraTS-PED-00015-000: prediction {pred['BraTS-PED-00015-000']}: non-integer label values [1.4, 2.8, 4.2]",
     ]
     assert str(caught.value).startswith("cannot evaluate, 4 problem(s):\n  - BraTS-PED-00012-000: prediction ")
@@ -247,3 +252,119 @@ def test_hidden_files_and_folders_are_ignored(tmp_path):
     assert summary["regions"]["ET"]["legacy_dice"]["mean"] == 1.0
     _, rows = read_csv(tmp_path / "out" / "metrics_per_case.csv")
     assert {row["case"] for row in rows} == {case}
+
+
+# ---- the 2024+ BraTS-PEDs labels (1 ET, 2 NET, 3 CC, 4 ED) and the official 2024 rules ----
+
+REGIONS_2024 = ("ET", "TC", "WT", "NETC", "CC", "ED")
+
+
+def tumour_2024(swap_cyst: bool = False) -> np.ndarray:
+    """Edema shell (1056 voxels) around a core of cyst (144) and non-enhancing tumour (168) holding enhancing tumour
+    (72); ``swap_cyst`` labels the cyst non-enhancing and the non-enhancing tumour cyst."""
+    cyst, non_enhancing = (2, 3) if swap_cyst else (3, 2)
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:14, 2:14, 1:11] = 4
+    label[4:12, 4:12, 3:9] = non_enhancing
+    label[4:7, 4:12, 3:9] = cyst
+    label[8:11, 5:11, 4:8] = 1
+    return label
+
+
+def test_command_line_scores_every_2024_region_with_the_2024_rules(tmp_path):
+    # Case 1 is perfect; case 2 swaps cyst and non-enhancing tumour, so NETC and CC score 0, the rest 1.
+    cases = {
+        "BraTS-PED-00021-000": (tumour_2024(), tumour_2024()),
+        "BraTS-PED-00022-000": (tumour_2024(True), tumour_2024()),
+    }
+    pred_dir, gt_dir = brats_layout(tmp_path, cases)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "scripts.evaluate", "--pred_dir", str(pred_dir), "--gt_dir", str(gt_dir)]
+    result = subprocess.run(
+        [*command, "--output_dir", str(out), "--challenge", "PED2024"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+    assert sorted(p.name for p in out.iterdir()) == ["metrics_per_case.csv", "summary.csv", "summary.json"]
+    header, rows = read_csv(out / "metrics_per_case.csv")
+    assert header == PER_CASE_HEADER
+    assert [(row["case"], row["region"]) for row in rows] == [
+        (case, region) for case in cases for region in REGIONS_2024
+    ]
+    assert [float(row["gt_volume"]) for row in rows[:6]] == [72.0, 384.0, 1440.0, 168.0, 144.0, 1056.0]
+    assert [float(row["legacy_dice"]) for row in rows] == [1.0] * 6 + [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert [float(row["lesionwise_dice"]) for row in rows[6:]] == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["challenge"], summary["label_scheme"], summary["num_cases"]) == ("PED2024", "brats2024_ped", 2)
+    assert list(summary["regions"]) == list(REGIONS_2024)
+    assert summary["regions"]["CC"]["legacy_dice"]["mean"] == 0.5
+    summary_header, summary_rows = read_csv(out / "summary.csv")
+    assert summary_header == "region,metric,mean,std,median,p25,p75"
+    assert [(row["region"], row["metric"]) for row in summary_rows] == [
+        (region, metric) for region in REGIONS_2024 for metric in METRIC_NAMES
+    ]
+
+    lines = result.stdout.splitlines()
+    assert lines[0] == "2 case(s), labels brats2024_ped (BraTS-PEDs 2024 and later)"
+    assert lines[1].startswith("official PED2024 rules: GT lesions merged and matched by 5 dilation(s)")
+    assert [line.split() for line in lines[-6:]] == [
+        [region, f"{dice:.4f}", f"{dice:.4f}"]
+        for region, dice in zip(REGIONS_2024, (1, 1, 1, 0.5, 0.5, 1), strict=True)
+    ]
+
+
+@pytest.mark.parametrize("entry", ["folders", "cases"])
+def test_a_label_scheme_brings_its_rules(tmp_path, entry):
+    pred_dir, gt_dir = brats_layout(tmp_path, {"BraTS-PED-00023-000": (tumour_2024(True), tumour_2024())})
+    if entry == "folders":
+        summary = evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"), label_scheme="brats2024_ped")
+    else:
+        case = "BraTS-PED-00023-000"
+        pairs = [(case, str(pred_dir / f"{case}.nii.gz"), str(gt_dir / case / f"{case}-seg.nii.gz"))]
+        summary = evaluate_cases(pairs, str(tmp_path / "out"), challenge=None, label_scheme="brats2024_ped")
+    assert (summary["challenge"], summary["label_scheme"]) == ("PED2024", "brats2024_ped")
+    assert {region: metrics["legacy_dice"]["mean"] for region, metrics in summary["regions"].items()} == {
+        "ET": 1.0,
+        "TC": 1.0,
+        "WT": 1.0,
+        "NETC": 0.0,
+        "CC": 0.0,
+        "ED": 1.0,
+    }
+    # Both named: both kept (here the 2023 PED rules on the 2024 regions).
+    both = evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out2"), "PED", "brats2024_ped")
+    assert (both["challenge"], both["label_scheme"], list(both["regions"])) == (
+        "PED",
+        "brats2024_ped",
+        list(REGIONS_2024),
+    )
+
+
+def test_2024_labels_are_refused_under_the_2023_scheme_naming_the_scheme_they_fit(tmp_path):
+    case = "BraTS-PED-00024-000"
+    pred_dir, gt_dir = brats_layout(tmp_path, {case: (tumour_2024(), tumour_2024())})
+    with pytest.raises(EvaluationInputError) as caught:
+        evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"), challenge="PED")
+    outside = (
+        "label values [4] outside [0, 1, 2, 3] (brats2023_ped: BraTS 2023 (pediatric and adult)); "
+        "they fit --label_scheme brats2024_ped"
+    )
+    assert caught.value.problems == [
+        f"{case}: prediction {pred_dir / f'{case}.nii.gz'}: {outside}",
+        f"{case}: ground truth {gt_dir / case / f'{case}-seg.nii.gz'}: {outside}",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_values_outside_the_2024_labels_are_refused_under_the_2024_scheme(tmp_path):
+    case = "BraTS-PED-00025-000"
+    pred = tumour_2024()
+    pred[0, 0, 0] = 5
+    pred_dir, gt_dir = brats_layout(tmp_path, {case: (pred, tumour_2024())})
+    with pytest.raises(EvaluationInputError) as caught:
+        evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"), challenge="PED2024")
+    assert caught.value.problems == [
+        f"{case}: prediction {pred_dir / f'{case}.nii.gz'}: "
+        "label values [5] outside [0, 1, 2, 3, 4] (brats2024_ped: BraTS-PEDs 2024 and later)"
+    ]

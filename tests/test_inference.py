@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 from monai.inferers import SimpleInferer
@@ -101,12 +102,12 @@ GRID_FIELDS = ("dim", "pixdim", "qform_code", "sform_code", "quatern_b", "quater
 GRID_FIELDS += ("qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
 
 
-def assert_label_map_on_grid_of(output: Path, reference: Path) -> None:
-    """uint8 labels 0-3 with exactly the reference's shape, affine, qform and sform (matrices and codes)."""
+def assert_label_map_on_grid_of(output: Path, reference: Path, labels: set[int] = LABELS) -> None:
+    """uint8 `labels` with exactly the reference's shape, affine, qform and sform (matrices and codes)."""
     out, ref = nib.load(output), nib.load(reference)
     assert out.shape == ref.shape
     assert out.get_data_dtype() == np.uint8
-    assert set(np.unique(np.asanyarray(out.dataobj)).tolist()) <= LABELS
+    assert set(np.unique(np.asanyarray(out.dataobj)).tolist()) <= labels
     np.testing.assert_array_equal(out.affine, ref.affine)
     for field in GRID_FIELDS:
         np.testing.assert_array_equal(out.header[field], ref.header[field], err_msg=field)
@@ -606,3 +607,48 @@ def test_a_rerun_with_overwrite_also_removes_leftover_temporaries(brats_dataset,
     summary = run_inference(output_dir, [detector_checkpoint], dataset_dir=str(brats_dataset), overwrite=True)
     assert summary["written"] == 1 and not leftover.exists()
     assert os.listdir(output_dir) == [f"{CASES['brats']}.nii.gz"]
+
+
+def test_small_enhancing_tumour_becomes_the_schemes_non_enhancing_label():
+    label = torch.zeros(1, 10, 10, 10, dtype=torch.uint8)
+    label[0, :5], label[0, 5:9], label[0, 9, 0, 0] = 4, 2, 1  # 2024: edema, NET, one ET voxel
+    relabel = SmallEnhancingToNecrosisd("pred", min_fraction=0.04, label_scheme="brats2024_ped")
+    out = relabel({"pred": label})["pred"]
+    assert int((out == 1).sum()) == 0 and int((out == 2).sum()) == 401 and int((out == 4).sum()) == 500
+
+
+def test_a_minimum_size_per_region_must_match_the_schemes_regions():
+    with pytest.raises(ValueError, match=r"one per region \['TC', 'WT', 'ET', 'CC'\]"):
+        RemoveSmallComponentsd("pred", min_voxels=[10, 10, 10], label_scheme="brats2024_ped")
+
+
+# How the 2023 labels of the same regions read in the other schemes.
+SAME_REGIONS_AS_2023 = {"brats2024_ped": {1: 2, 2: 4, 3: 1}, "brats2021": {1: 1, 2: 2, 3: 4}}
+
+
+@pytest.mark.parametrize("scheme", SAME_REGIONS_AS_2023)
+def test_inference_writes_the_labels_of_the_scheme(
+    scheme, geometry_dataset, geometry_predictions, brats_dataset, tmp_path
+):
+    """The detector through the real config with --label_scheme: the same regions as with the 2023 labels,
+    written with the scheme's values on the input grid. For 2024 a fourth, silent channel stands for the cyst."""
+    state = detector_state()
+    if scheme == "brats2024_ped":
+        state = {"weight": F.pad(state["weight"], (0, 0, 0, 0, 0, 0, 0, 0, 0, 1)), "bias": F.pad(state["bias"], (0, 1))}
+        state["bias"][3] = -100.0
+    checkpoint = tmp_path / "detector.pt"
+    torch.save(state, checkpoint)
+    network = {**POINTWISE_NETWORK, "out_channels": len(state["bias"])}
+    summary = run_inference(
+        tmp_path / "out", [checkpoint], dataset_dir=str(brats_dataset), network_def=network, label_scheme=scheme
+    )
+    assert summary["written"] == 1
+    output = tmp_path / "out" / f"{CASES['brats']}.nii.gz"
+    assert_label_map_on_grid_of(
+        output, geometry_dataset[1]["brats"][0], labels={0, *SAME_REGIONS_AS_2023[scheme].values()}
+    )
+    label = label_data(output)
+    reference = label_data(geometry_predictions[0] / f"{CASES['brats']}.nii.gz")  # 2023 labels
+    assert {2, 3} <= set(np.unique(reference).tolist())  # the detector finds no NCR: its TC is its ET
+    for value_2023, value in SAME_REGIONS_AS_2023[scheme].items():
+        np.testing.assert_array_equal(label == value, reference == value_2023)

@@ -1,32 +1,55 @@
-"""Official BraTS 2023 metrics on hand-built volumes, and against a brute-force restatement of the rules."""
+"""Official BraTS 2023 metrics on hand-built volumes, against a brute-force restatement of the rules and against the
+official scorer's numbers (golden cases); how the rules and the label scheme are chosen."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import cc3d
+import nibabel as nib
 import numpy as np
 import pytest
 from monai.metrics.utils import create_table_neighbour_code_to_surface_area
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
+from scripts.errors import InputError
+from scripts.labels import get_scheme
 from scripts.metrics import (
     CHALLENGES,
     MAX_HD95,
     METRIC_NAMES,
     ChallengeParameters,
     compute_case_metrics,
+    resolve_rules,
     surface_hd95,
 )
 
 SHAPE = (32, 24, 24)
 ISO = (1.0, 1.0, 1.0)
+# Prediction / GT pairs with the official scorers' numbers, beside the repository (see its README.md).
+GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
+# The official scorers' column for each metric.
+OFFICIAL_COLUMNS = {
+    "legacy_dice": "Legacy_Dice",
+    "legacy_hd95": "Legacy_HD95",
+    "lesionwise_dice": "LesionWise_Score_Dice",
+    "lesionwise_hd95": "LesionWise_Score_HD95",
+    "num_tp": "Num_TP",
+    "num_fp": "Num_FP",
+    "num_fn": "Num_FN",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "gt_volume": "GT_Complete_Volume",
+}
 
 
-def label_map(*boxes: tuple[int, tuple[int, int, int], tuple[int, int, int]]) -> np.ndarray:
-    """Label map of SHAPE with each (label, start, size) box painted in order."""
-    volume = np.zeros(SHAPE, np.uint8)
+def label_map(*boxes: tuple[int, tuple[int, int, int], tuple[int, int, int]], shape=SHAPE) -> np.ndarray:
+    """Label map of ``shape`` with each (label, start, size) box painted in order."""
+    volume = np.zeros(shape, np.uint8)
     for value, start, size in boxes:
         volume[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))] = value
     return volume
@@ -155,13 +178,66 @@ def test_met_keeps_lesions_above_2_mm3():
 def test_challenge_table_and_validation():
     assert CHALLENGES["PED"] == ChallengeParameters(dilation_iterations=3, lesion_volume_threshold_mm3=50.0)
     assert (CHALLENGES["MET"].dilation_iterations, CHALLENGES["MET"].lesion_volume_threshold_mm3) == (1, 2.0)
-    assert sorted(CHALLENGES) == ["GLI", "MEN", "MET", "PED", "SSA"]
+    assert sorted(CHALLENGES) == ["GLI", "MEN", "MET", "PED", "PED2024", "SSA"]
+    assert CHALLENGES["PED2024"] == ChallengeParameters(
+        dilation_iterations=5,
+        lesion_volume_threshold_mm3=10.0,
+        merge_predicted_lesions=True,
+        small_predicted_lesion_voxels=10,
+        whole_volume_on_lesion_ids=True,
+        label_scheme="brats2024_ped",
+    )
+    assert {name for name, rules in CHALLENGES.items() if rules.label_scheme != "brats2023_ped"} == {"PED2024"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         CHALLENGES["PED"].dilation_iterations = 1
-    with pytest.raises(ValueError, match="PED"):
+    with pytest.raises(
+        InputError, match="unknown challenge 'BraTS-XYZ'; valid names: PED, GLI, SSA, MEN, MET, PED2024"
+    ):
         compute_case_metrics(label_map(CUBE_A), label_map(CUBE_A), ISO, challenge="BraTS-XYZ")
     with pytest.raises(ValueError, match="dilation_iterations"):
         ChallengeParameters(dilation_iterations=0, lesion_volume_threshold_mm3=50.0)
+    with pytest.raises(ValueError, match="small_predicted_lesion_voxels"):
+        ChallengeParameters(dilation_iterations=1, lesion_volume_threshold_mm3=2.0, small_predicted_lesion_voxels=-1)
+    with pytest.raises(ValueError, match="unknown label_scheme 'brats2025'"):
+        ChallengeParameters(dilation_iterations=1, lesion_volume_threshold_mm3=2.0, label_scheme="brats2025")
+
+
+@pytest.mark.parametrize(
+    ("challenge", "scheme", "expected"),
+    [
+        (None, None, ("PED", "brats2023_ped")),  # neither: BraTS 2023 PED
+        (None, "brats2024_ped", ("PED2024", "brats2024_ped")),  # a scheme brings its rules
+        (None, "brats2021", ("GLI", "brats2021")),
+        ("PED2024", None, ("PED2024", "brats2024_ped")),  # the 2024 rules bring the 2024 labels
+        ("MEN", None, ("MEN", "brats2023_ped")),  # the 2023 sub-challenges share the 2023 labels
+        ("PED", "brats2024_ped", ("PED", "brats2024_ped")),  # both named: both kept
+    ],
+)
+def test_rules_and_label_scheme_default_to_each_other(challenge, scheme, expected):
+    name, label_scheme = resolve_rules(challenge, scheme)
+    assert (name, label_scheme.name) == expected
+    assert resolve_rules(challenge, get_scheme(expected[1]))[1] is get_scheme(expected[1])
+
+
+def test_unknown_rules_or_scheme_is_an_input_error_naming_the_valid_ones():
+    with pytest.raises(InputError, match="valid names: PED, GLI, SSA, MEN, MET, PED2024"):
+        resolve_rules("PED2025")
+    with pytest.raises(InputError, match="unknown label_scheme 'brats2025'; valid: brats2023_ped, brats2024_ped"):
+        resolve_rules(None, "brats2025")
+    with pytest.raises(InputError, match="unknown challenge 'ped'"):
+        resolve_rules("ped", "brats2023_ped")
+
+
+def test_the_scheme_decides_the_regions_and_their_masks():
+    # A 2024 map: label 1 is enhancing tumour there, non-enhancing core under 2023 labels.
+    label = label_map(
+        (4, (2, 4, 4), (8, 8, 8)), (2, (3, 5, 5), (6, 6, 6)), (3, (3, 5, 5), (2, 6, 6)), (1, (5, 7, 7), (4, 4, 4))
+    )
+    rows = compute_case_metrics(label, label, ISO, scheme="brats2024_ped")
+    assert [row["region"] for row in rows] == ["ET", "TC", "WT", "NETC", "CC", "ED"]
+    assert [row["gt_volume"] for row in rows] == [64.0, 216.0, 512.0, 80.0, 72.0, 296.0]
+    assert all(list(row) == ["region", *METRIC_NAMES] for row in rows)
+    assert [row["region"] for row in compute_case_metrics(label, label, ISO, challenge="PED")] == ["ET", "TC", "WT"]
 
 
 def test_rejects_mismatched_shapes_and_bad_spacing():
@@ -175,7 +251,8 @@ def test_rejects_mismatched_shapes_and_bad_spacing():
 
 
 def reference_hd95(gt: np.ndarray, pred: np.ndarray, spacing) -> float:
-    """Area-weighted 95th percentile of all corner-surfel distances, with every pairwise distance computed."""
+    """Area-weighted 95th percentile of all corner-surfel distances, with every pairwise distance computed. Maps of
+    lesion ids are read as the official library reads them: values and codes kept in a byte, modulo 256."""
     if not gt.any() or not pred.any():
         return MAX_HD95
     table = create_table_neighbour_code_to_surface_area(spacing)[0].numpy().astype(float)
@@ -183,8 +260,8 @@ def reference_hd95(gt: np.ndarray, pred: np.ndarray, spacing) -> float:
 
     def surfels(mask):
         # correlate() centres a 2-wide kernel on its second entry, so output i sees voxels i-1 and i: a corner.
-        codes = ndimage.correlate(np.pad(mask, 1).astype(int), kernel, mode="constant")[1:, 1:, 1:]
-        on_surface = (codes > 0) & (codes < 255)
+        codes = ndimage.correlate(np.pad(mask.astype(int) % 256, 1), kernel, mode="constant")[1:, 1:, 1:] % 256
+        on_surface = (codes != 0) & (codes != 255)
         return np.argwhere(on_surface) * np.asarray(spacing), table[codes[on_surface]]
 
     def percentile(distances, areas):
@@ -196,6 +273,8 @@ def reference_hd95(gt: np.ndarray, pred: np.ndarray, spacing) -> float:
         return max(distances)
 
     (gt_points, gt_areas), (pred_points, pred_areas) = surfels(gt), surfels(pred)
+    if not len(gt_points) or not len(pred_points):
+        return MAX_HD95
     distances = cdist(gt_points, pred_points)
     return max(percentile(distances.min(axis=1), gt_areas), percentile(distances.min(axis=0), pred_areas))
 
@@ -251,3 +330,34 @@ def test_matches_brute_force_restatement_of_the_rules(seed):
         expected = reference_region(np.isin(pred, labels), np.isin(gt, labels), spacing, CHALLENGES[challenge])
         for name, value in expected.items():
             assert row[name] == pytest.approx(value, rel=1e-9, abs=1e-9), (row["region"], name)
+
+
+# ---- golden cases: the official scorer's numbers ----
+
+
+def golden_cases(scheme: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[float, ...], dict]]:
+    """(name, prediction, GT, voxel size, {region: {official column: value}}) of each golden case of a scheme."""
+    folder = GOLDEN_DIR / scheme
+    for name, expected in json.loads((folder / "expected.json").read_text()).items():
+        case = name.split("__")[1]
+        gt_image = nib.load(folder / "gt" / f"{case}-seg.nii.gz")
+        pred = np.asanyarray(nib.load(folder / "pred" / f"{name}.nii.gz").dataobj)
+        yield name, pred, np.asanyarray(gt_image.dataobj), gt_image.header.get_zooms()[:3], expected
+
+
+def assert_official_numbers(name: str, rows: list[dict], expected: dict) -> None:
+    """Every metric of every region exactly as the official scorer wrote it (its counts are floats)."""
+    assert {row["region"] for row in rows} == set(expected)
+    for row in rows:
+        official = expected[row["region"]]
+        assert {metric: row[metric] for metric in METRIC_NAMES} == {
+            metric: official[column] for metric, column in OFFICIAL_COLUMNS.items()
+        }, (name, row["region"])
+
+
+@pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"no golden cases in {GOLDEN_DIR}")
+def test_2023_pediatric_metrics_are_the_official_scorers_numbers():
+    cases = list(golden_cases("brats2023_ped"))
+    assert len(cases) == 8
+    for name, pred, gt, spacing, expected in cases:
+        assert_official_numbers(name, compute_case_metrics(pred, gt, spacing, challenge="PED"), expected)

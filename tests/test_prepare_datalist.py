@@ -16,15 +16,24 @@ import pytest
 from scripts import prepare_datalist
 from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, find_case_dirs
 from scripts.errors import InputError
-from scripts.prepare_datalist import DatasetError, assign_folds, fold_split, main, make_datalist
+from scripts.prepare_datalist import (
+    DatasetError,
+    LabelSchemeError,
+    assign_folds,
+    detect_label_scheme,
+    fold_split,
+    main,
+    make_datalist,
+)
 from tests.test_cases import TINY, break_case, save_like, tiny_case, write_old_case
 
 
-def tiny_dataset(root: Path, num_train: int, num_val: int) -> Path:
-    """Challenge layout with ``num_train`` labelled and ``num_val`` unlabelled tiny cases, ids 3 apart."""
+def tiny_dataset(root: Path, num_train: int, num_val: int, labels: tuple[int, ...] = (1, 2, 3)) -> Path:
+    """Challenge layout with ``num_train`` labelled (0 and `labels`) and ``num_val`` unlabelled tiny cases,
+    ids 3 apart."""
     for index in range(num_train + num_val):
         folder = TRAINING_FOLDER if index < num_train else VALIDATION_FOLDER
-        tiny_case(root / folder, 3 * index + 1, with_seg=index < num_train)
+        tiny_case(root / folder, 3 * index + 1, with_seg=index < num_train, labels=labels)
     return root
 
 
@@ -83,7 +92,7 @@ def test_bad_case_is_named_and_left_out(tmp_path, defect):
     root = tiny_dataset(tmp_path, 5, 1)
     bad_dir = root / TRAINING_FOLDER / "BraTS-PED-00007-000"
     file_name, reason = break_case(bad_dir, defect)
-    datalist, problems = make_datalist(root, num_folds=2)
+    datalist, problems = make_datalist(root, num_folds=2, label_scheme="brats2023_ped")
     assert len(problems) == 1
     assert problems[0].startswith("BraTS-PED-00007-000: ")
     assert file_name in problems[0] and reason in problems[0]
@@ -108,7 +117,8 @@ def test_command_line_reports_bad_cases_on_stderr(tmp_path, capsys):
     root = tiny_dataset(tmp_path / "data", 6, 0)
     break_case(root / TRAINING_FOLDER / "BraTS-PED-00004-000", "label 4")
     output = tmp_path / "datalist.json"
-    fire.Fire(main, command=["--dataset_dir", str(root), "--output", str(output), "--num_folds", "5"])
+    command = ["--dataset_dir", str(root), "--output", str(output), "--num_folds", "5"]
+    fire.Fire(main, command=[*command, "--label_scheme", "brats2023_ped"])
     captured = capsys.readouterr()
     assert "BraTS-PED-00004-000" in captured.err and "label values [4]" in captured.err
     assert "1 left out" in captured.out and "5 training cases" in captured.out
@@ -163,10 +173,10 @@ def test_problems_come_in_case_order_whichever_check_finishes_first(tmp_path, mo
     defects = {1: "label 4", 7: "non-finite voxels", 13: "shape", 19: "all-zero modality", 22: "garbage"}
     for number, defect in defects.items():
         break_case(root / TRAINING_FOLDER / f"BraTS-PED-{number:05d}-000", defect)
-    _, problems = make_datalist(root, num_folds=2)
+    _, problems = make_datalist(root, num_folds=2, label_scheme="brats2023_ped")
     assert [line.split(": ", 1)[0] for line in problems] == [f"BraTS-PED-{n:05d}-000" for n in defects]
     monkeypatch.setattr(prepare_datalist, "SCAN_THREADS", 1)
-    assert make_datalist(root, num_folds=2)[1] == problems
+    assert make_datalist(root, num_folds=2, label_scheme="brats2023_ped")[1] == problems
 
 
 def test_every_unused_folder_is_reported_and_counted_as_left_out(tmp_path, capsys):
@@ -293,3 +303,197 @@ def test_fold_split_reads_headers_only(tmp_path):
     save_like(root / TRAINING_FOLDER / "BraTS-PED-00004-000", "t1c", np.full(TINY, np.nan, np.float32))
     train, val = fold_split(datalist, root, fold=0)
     assert len(train) + len(val) == 4
+
+
+def seg_values(*label_sets: tuple[int, ...]) -> dict[str, set[int]]:
+    """{seg path: distinct values} as a scan finds them, one case per label set."""
+    return {
+        f"/data/BraTS-PED-{number:05d}-000/BraTS-PED-{number:05d}-000-seg.nii.gz": {0, *labels}
+        for number, labels in enumerate(label_sets, start=1)
+    }
+
+
+@pytest.mark.parametrize(
+    ("label_sets", "scheme", "reason"),
+    [
+        (
+            [(1, 2, 3), (1, 2), (2, 3)],
+            "brats2023_ped",
+            "label values [0, 1, 2, 3] found, which the default brats2023_ped fits; brats2024_ped without ED (4) "
+            "would look the same: --label_scheme chooses another",
+        ),
+        (
+            [(1, 2, 3, 4), (2, 4), (1, 2, 3, 4), (1, 2)],
+            "brats2024_ped",
+            "label values [0, 1, 2, 3, 4] found; 3 and 4 occur together in 2 case(s)",
+        ),
+        (
+            [(1, 2)],
+            "brats2023_ped",
+            "label values [0, 1, 2] found, which the default brats2023_ped fits; brats2024_ped without CC (3), ED (4), "
+            "brats2021 without ET (4) would look the same: --label_scheme chooses another",
+        ),
+        ([], "brats2023_ped", "no segmentations to tell it from: the default"),
+    ],
+)
+def test_detection_picks_the_scheme_and_says_why(label_sets, scheme, reason):
+    assert detect_label_scheme(seg_values(*label_sets)) == (scheme, reason)
+
+
+def test_detection_refuses_four_without_three_as_ambiguous():
+    with pytest.raises(LabelSchemeError) as caught:
+        detect_label_scheme(seg_values((1, 2, 4), (2, 4)))
+    assert caught.value.problems == [
+        "label values [0, 1, 2, 4] fit several label schemes alike: brats2024_ped without CC (3) "
+        "(BraTS-PEDs 2024 and later); brats2021 (BraTS 2018-2021 (adult glioma)); say which with "
+        "--label_scheme brats2024_ped or --label_scheme brats2021"
+    ]
+
+
+def test_detection_refuses_a_mix_of_2023_and_2021_cases_with_examples_of_each():
+    """Together they hold 3 and 4, as 2024 data does, but no single case does."""
+    values = seg_values((1, 2, 3), (1, 2, 4), (1, 2, 3), (1, 2), (2, 3), (1, 2, 3), (4,))
+    with pytest.raises(LabelSchemeError) as caught:
+        detect_label_scheme(values)
+    assert caught.value.problems[:-1] == [
+        "label values [0, 1, 2, 3, 4] found, in cases that look like a mix of label schemes:",
+        "4 case(s) with label values [0, 1, 2, 3] (they fit brats2023_ped or brats2024_ped), "
+        "e.g. BraTS-PED-00001-000, BraTS-PED-00003-000, BraTS-PED-00005-000",
+        "2 case(s) with label values [0, 1, 2, 4] (they fit brats2024_ped or brats2021), "
+        "e.g. BraTS-PED-00002-000, BraTS-PED-00007-000",
+    ]
+    assert "--label_scheme" in caught.value.problems[-1]
+
+
+def test_detection_lists_every_segmentation_whose_values_fit_no_scheme():
+    values = seg_values((1, 2, 3), (1, 5), (1, 2, 3), (3, 4, 7))
+    with pytest.raises(LabelSchemeError) as caught:
+        detect_label_scheme(values)
+    paths = list(values)
+    assert caught.value.problems[:-1] == [
+        f"BraTS-PED-00002-000: {paths[1]}: label values [0, 1, 5] fit no label scheme",
+        f"BraTS-PED-00004-000: {paths[3]}: label values [0, 3, 4, 7] fit no label scheme",
+    ]
+    assert caught.value.problems[-1].startswith(
+        "label schemes: brats2023_ped [0, 1, 2, 3]; brats2024_ped [0, 1, 2, 3, 4]; brats2021 [0, 1, 2, 4]; "
+        "fix the segmentations listed, or pass --label_scheme"
+    )
+
+
+def test_command_line_detects_2024_labels_and_records_them(tmp_path, capsys):
+    root = tiny_dataset(tmp_path / "data", 4, 1, labels=(1, 2, 3, 4))
+    tiny_case(root / TRAINING_FOLDER, 40, labels=(1, 2, 4))  # a case without a cyst
+    output = tmp_path / "datalist.json"
+    fire.Fire(main, command=["--dataset_dir", str(root), "--output", str(output), "--num_folds", "2"])
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.splitlines()[0] == (
+        "label scheme: brats2024_ped (label values [0, 1, 2, 3, 4] found; 3 and 4 occur together in 4 case(s))"
+    )
+    datalist = json.loads(output.read_text())
+    assert datalist["label_scheme"] == "brats2024_ped"
+    assert len(datalist["training"]) == 5 and len(datalist["testing"]) == 1
+
+
+def test_command_line_refuses_a_mix_unless_the_scheme_is_given(tmp_path, capsys):
+    root = tiny_dataset(tmp_path / "data", 4, 0)
+    old = tiny_case(root / TRAINING_FOLDER, 40, labels=(1, 2, 4))
+    output = tmp_path / "datalist.json"
+    command = ["--dataset_dir", str(root), "--output", str(output), "--num_folds", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        fire.Fire(main, command=command)
+    assert exit_info.value.code == 1 and not output.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("error: label values [0, 1, 2, 3, 4] found, in cases that look like a mix of label schemes")
+    assert "e.g. BraTS-PED-00040-000" in err
+
+    fire.Fire(main, command=[*command, "--label_scheme", "brats2023_ped"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"BraTS-PED-00040-000: {old}/BraTS-PED-00040-000-seg.nii.gz: label values [4] outside [0, 1, 2, 3] "
+        "(brats2023_ped: BraTS 2023 (pediatric and adult)); they fit --label_scheme brats2024_ped or brats2021"
+    ]
+    assert captured.out.splitlines()[0] == "label scheme: brats2023_ped (given with --label_scheme)"
+    datalist = json.loads(output.read_text())
+    assert datalist["label_scheme"] == "brats2023_ped" and len(datalist["training"]) == 4
+
+    datalist, problems = make_datalist(root, num_folds=2, label_scheme="brats2024_ped")
+    assert problems == [] and datalist["label_scheme"] == "brats2024_ped" and len(datalist["training"]) == 5
+
+
+def test_four_without_three_needs_the_scheme_named(tmp_path):
+    root = tiny_dataset(tmp_path, 4, 0, labels=(1, 2, 4))
+    with pytest.raises(LabelSchemeError, match="fit several label schemes alike"):
+        make_datalist(root, num_folds=2)
+    datalist, problems = make_datalist(root, num_folds=2, label_scheme="brats2021")
+    assert problems == [] and datalist["label_scheme"] == "brats2021"
+
+
+def test_values_that_fit_no_scheme_stop_detection_but_a_given_scheme_leaves_the_case_out(tmp_path):
+    root = tiny_dataset(tmp_path, 4, 0)
+    bad = tiny_case(root / TRAINING_FOLDER, 40, labels=(1, 5))
+    with pytest.raises(LabelSchemeError) as caught:
+        make_datalist(root, num_folds=2)
+    assert caught.value.problems[0] == (
+        f"BraTS-PED-00040-000: {bad}/BraTS-PED-00040-000-seg.nii.gz: label values [0, 1, 5] fit no label scheme"
+    )
+    datalist, problems = make_datalist(root, num_folds=2, label_scheme="brats2023_ped")
+    assert [line.split(": ", 1)[0] for line in problems] == ["BraTS-PED-00040-000"]
+    assert "label values [5] outside [0, 1, 2, 3]" in problems[0] and len(datalist["training"]) == 4
+
+
+def test_unknown_label_scheme_is_refused_before_the_scan(tmp_path):
+    with pytest.raises(InputError, match="unknown label_scheme 'brats2024'"):
+        make_datalist(tmp_path / "nowhere", label_scheme="brats2024")
+
+
+def test_fold_split_refuses_a_datalist_of_another_scheme(tmp_path):
+    root = tiny_dataset(tmp_path, 4, 0, labels=(1, 2, 3, 4))
+    datalist, _ = make_datalist(root, num_folds=2)
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+    train, val = fold_split(path, root, fold=0, label_scheme="brats2024_ped")
+    assert len(train) + len(val) == 4
+    with pytest.raises(InputError) as caught:
+        fold_split(path, root, fold=0, label_scheme="brats2023_ped")
+    assert caught.value.problems == [
+        f"datalist {path} holds brats2024_ped labels, but label_scheme is brats2023_ped: set label_scheme to "
+        f"brats2024_ped, or rebuild the datalist with python -m scripts.prepare_datalist --dataset_dir {root} "
+        f"--output {path} --label_scheme brats2023_ped"
+    ]
+
+
+def test_a_datalist_without_a_scheme_holds_2023_labels(tmp_path):
+    """Datalists written before the key existed were all checked against the 2023 labels."""
+    root = tiny_dataset(tmp_path, 4, 0)
+    datalist, _ = make_datalist(root, num_folds=2)
+    del datalist["label_scheme"]
+    for label_scheme in ("brats2023_ped", None):
+        train, val = fold_split(datalist, root, fold=1, label_scheme=label_scheme)
+        assert len(train) + len(val) == 4
+    with pytest.raises(InputError, match="<datalist dict> holds brats2023_ped labels, but label_scheme is brats2021"):
+        fold_split(datalist, root, fold=1, label_scheme="brats2021")
+
+
+@pytest.mark.parametrize(
+    "names", [("Training", "Validation"), ("BraTS2024-PEDs-Training", "BraTS2024-PEDs-Validation")]
+)
+def test_2024_release_layout_is_listed(tmp_path, names):
+    training, validation = (tmp_path / name for name in names)
+    for number in (1, 5, 9):
+        tiny_case(training, number, labels=(1, 2, 3, 4))
+    unlabelled = tiny_case(training, 13, with_seg=False)
+    for number in (20, 22):
+        tiny_case(validation, number, with_seg=False)
+    datalist, problems = make_datalist(tmp_path, num_folds=3)
+    assert problems == [
+        f"BraTS-PED-00013-000: {unlabelled}/BraTS-PED-00013-000-seg.nii.gz: missing "
+        "(cases in the training folder need one)"
+    ]
+    assert datalist["label_scheme"] == "brats2024_ped"
+    assert [entry["label"] for entry in datalist["training"]] == [
+        f"{names[0]}/BraTS-PED-{n:05d}-000/BraTS-PED-{n:05d}-000-seg.nii.gz" for n in (1, 5, 9)
+    ]
+    assert [entry["image"][0] for entry in datalist["testing"]] == [
+        f"{names[1]}/BraTS-PED-{n:05d}-000/BraTS-PED-{n:05d}-000-t1c.nii.gz" for n in (20, 22)
+    ]

@@ -11,6 +11,8 @@ import pytest
 from scipy import ndimage
 
 from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER
+from scripts.labels import SCHEMES
+from scripts.prepare_datalist import make_datalist
 from scripts.synthetic import BRATS_AFFINE, BRATS_SHAPE, generate_dataset, grid_affine, main, make_case, write_case
 from tests.conftest import SMALL_SHAPE
 
@@ -21,6 +23,18 @@ TINY_SHAPE = (32, 32, 20)
 def cases() -> list[tuple[dict, np.ndarray, np.ndarray]]:
     """A few small cases with enhancing tumour, made once for the content tests."""
     return [make_case(seed, SMALL_SHAPE, with_et=True) for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def cases_2024() -> list[tuple[dict, np.ndarray, np.ndarray]]:
+    """Small cases labelled in brats2024_ped: seeds 0, 6 and 7 hold cysts, seed 6 no enhancing tumour."""
+    return [make_case(seed, SMALL_SHAPE, label_scheme="brats2024_ped") for seed in range(8)]
+
+
+PED_2024 = SCHEMES["brats2024_ped"]
+# The 2024 label values by abbreviation, as the scheme defines them.
+VALUE_OF = {abbreviation: value for value, (abbreviation, _) in PED_2024.labels.items()}
+ET, NET, CC, ED = (VALUE_OF[abbreviation] for abbreviation in ("ET", "NET", "CC", "ED"))
 
 
 def brain_of(images: dict[str, np.ndarray]) -> np.ndarray:
@@ -95,6 +109,57 @@ def test_sub_region_contrasts(cases):
         assert t1c[et].mean() > t1c[normal].mean()
         assert t1n[ncr].mean() < t1n[normal].mean()
         assert t2w[ncr].mean() > t2w[normal].mean()
+
+
+def test_the_2023_stream_is_unchanged(cases):
+    """Seeds give the cases they always gave (the demo and the metric benchmark rely on it): label counts and
+    image sums of the output before the label schemes came."""
+    images, seg, _ = cases[1]
+    assert np.bincount(seg.ravel()).tolist() == [162613, 307, 894, 26]
+    sums = {modality: images[modality].sum(dtype=np.float64) for modality in MODALITIES}
+    expected = {"t1c": 5958064.5456, "t1n": 8548741.5679, "t2f": 10292661.3722, "t2w": 26520841.9044}
+    assert sums == pytest.approx(expected, rel=1e-6)
+
+
+def test_2024_cases_hold_the_2024_labels_with_cysts_inside_the_core(cases_2024):
+    assert sorted(PED_2024.values) == [0, ET, NET, CC, ED] == [0, 1, 2, 3, 4]
+    with_cyst = []
+    for images, seg, _ in cases_2024:
+        assert set(np.unique(seg)) <= PED_2024.values and {NET, ED} <= set(np.unique(seg))
+        brain = brain_of(images)
+        assert not np.any(seg[~brain])
+        # Tumour tissue walls a cyst in: every in-brain neighbour of a cyst voxel is tumour core.
+        assert not np.any(ndimage.binary_dilation(seg == CC) & brain & ~PED_2024.region_mask(seg, "TC"))
+        with_cyst.append(bool(np.any(seg == CC)))
+    assert with_cyst == [True, False, False, False, False, False, True, True]
+    assert [bool(np.any(seg == ET)) for _, seg, _ in cases_2024].count(False) == 1
+
+
+def test_2024_cysts_are_fluid_dark_on_t1_and_bright_on_t2(cases_2024):
+    for images, seg, _ in cases_2024:
+        cyst, solid = seg == CC, (seg == NET) | (seg == ET)
+        if not cyst.any():
+            continue
+        normal = brain_of(images) & (seg == 0)
+        t1c, t1n, t2w = (images[modality] for modality in ("t1c", "t1n", "t2w"))
+        assert t1c[cyst].mean() < 0.75 * t1c[solid].mean()
+        assert t1n[cyst].mean() < 0.75 * t1n[normal].mean()
+        assert t2w[cyst].mean() > 1.15 * t2w[solid].mean()
+        assert t2w[cyst].mean() > 1.5 * t2w[normal].mean()
+
+
+def test_2024_enhancing_tumour_can_be_forced_off_or_on():
+    for seed in range(3):
+        _, seg_without, _ = make_case(seed, TINY_SHAPE, with_et=False, label_scheme="brats2024_ped")
+        _, seg_with, _ = make_case(seed, TINY_SHAPE, with_et=True, label_scheme="brats2024_ped")
+        assert not np.any(seg_without == ET) and np.any(seg_without == NET) and np.any(seg_without == ED)
+        assert np.any(seg_with == ET)
+
+
+def test_a_generated_2024_dataset_is_told_apart_by_the_datalist_command(tmp_path):
+    generate_dataset(tmp_path, num_train=3, num_val=1, seed=0, shape=TINY_SHAPE, label_scheme="brats2024_ped")
+    datalist, problems = make_datalist(tmp_path, num_folds=2)
+    assert problems == [] and datalist["label_scheme"] == "brats2024_ped"
 
 
 def test_healthy_tissue_contrasts_follow_each_sequence():
@@ -181,6 +246,18 @@ def test_command_line_writes_both_folders(tmp_path, capsys):
     assert all(case in printed for case in train_cases + val_cases)
     seg = nib.load(tmp_path / TRAINING_FOLDER / train_cases[0] / f"{train_cases[0]}-seg.nii.gz")
     assert seg.shape == TINY_SHAPE
+
+
+def test_command_line_writes_2024_labels(tmp_path, capsys):
+    command = ["--output_dir", str(tmp_path), "--num_train", "2", "--num_val", "0", "--shape", "32,32,20"]
+    fire.Fire(main, command=[*command, "--label_scheme", "brats2024_ped", "--seed", "3"])
+    for case_dir in (tmp_path / TRAINING_FOLDER).iterdir():
+        seg = np.asanyarray(nib.load(case_dir / f"{case_dir.name}-seg.nii.gz").dataobj)
+        assert {NET, ED} <= set(np.unique(seg)) <= PED_2024.values
+    with pytest.raises(SystemExit) as exit_info:
+        fire.Fire(main, command=[*command, "--label_scheme", "brats2024"])
+    assert exit_info.value.code == 1
+    assert "unknown label_scheme 'brats2024'" in capsys.readouterr().err
 
 
 def test_command_line_refuses_existing_cases(tmp_path, capsys):

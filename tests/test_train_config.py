@@ -5,11 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from ignite.engine import Events
 
 from scripts.checkpoints import latest_checkpoint
-from scripts.prepare_datalist import load_json
-from tests.conftest import train_workflow
+from scripts.errors import problem_lines
+from scripts.labels import get_scheme
+from scripts.prepare_datalist import load_json, make_datalist, write_json_atomic
+from scripts.synthetic import generate_dataset
+from tests.conftest import SMALL_SHAPE, train_workflow
 
 
 def case_ids(cases: list[dict]) -> set[str]:
@@ -64,3 +68,29 @@ def test_resumed_run_continues_from_saved_epoch(trained_fold, synthetic_dataset,
     assert epochs_run == [2]
     assert trainer.state.iteration == 8
     assert latest_checkpoint(output_dir) == str(output_dir / "checkpoint_epoch=2.pt")
+
+
+@pytest.mark.parametrize("scheme", ["brats2024_ped", "brats2021"])
+def test_one_epoch_with_the_labels_of_another_scheme(scheme, tmp_path):
+    """Synthetic cases with the scheme's labels, its datalist and one epoch through the real config: the network
+    has one output per region of the scheme and validation reports each."""
+    dataset = tmp_path / "data"
+    generate_dataset(dataset, num_train=4, num_val=0, seed=3, shape=SMALL_SHAPE, label_scheme=scheme)
+    datalist, problems = make_datalist(dataset, num_folds=2, seed=0, label_scheme=scheme)
+    assert not problems and datalist["label_scheme"] == scheme
+    write_json_atomic(datalist, tmp_path / "datalist.json")
+    workflow = train_workflow(dataset, tmp_path / "datalist.json", tmp_path / "fold0", label_scheme=scheme)
+    workflow.run()
+    channels = get_scheme(scheme).channels
+    assert workflow.parser.get_parsed_content("network").out.conv.conv.out_channels == len(channels)
+    metrics = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert set(metrics) == {"val_mean_dice", *(f"val_{region.lower()}_dice" for region in channels)}
+    assert (tmp_path / "fold0" / "model.pt").is_file()
+
+
+def test_a_datalist_of_another_scheme_is_refused(synthetic_dataset, synthetic_datalist, tmp_path):
+    workflow = train_workflow(synthetic_dataset, synthetic_datalist, tmp_path, label_scheme="brats2024_ped")
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps what a config expression raises
+        workflow.parser.get_parsed_content("fold_split")
+    (problem,) = problem_lines(caught.value)
+    assert str(synthetic_datalist) in problem and "brats2023_ped" in problem and "brats2024_ped" in problem
