@@ -104,20 +104,20 @@ def _extent(shape: Sequence[int], spacing: np.ndarray, view: str) -> tuple[float
     return 0.0, shape[horizontal] * spacing[horizontal], 0.0, shape[vertical] * spacing[vertical]
 
 
-def _window(volume: np.ndarray) -> tuple[float, float]:
+def intensity_window(volume: np.ndarray) -> tuple[float, float]:
     """The intensities drawn black and white."""
     low, high = np.percentile(volume[volume != 0], INTENSITY_PERCENTILES)
     return float(low), float(max(high, low + 1e-6))
 
 
-def _grey(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+def grey_rgb(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """A slice as a grey (H, W, 3) uint8 picture."""
     low, high = window
     grey = np.round(np.clip((plane - low) / (high - low), 0, 1) * 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _colour_table(scheme: LabelScheme) -> np.ndarray:
+def colour_table(scheme: LabelScheme) -> np.ndarray:
     """(max label + 1, 3) RGB of each label value of `scheme`; background black, never drawn."""
     table = np.zeros((max(scheme.values) + 1, 3))
     for value, (abbreviation, _) in scheme.labels.items():
@@ -125,7 +125,7 @@ def _colour_table(scheme: LabelScheme) -> np.ndarray:
     return table
 
 
-def _overlay(grey: np.ndarray, label: np.ndarray, colours: np.ndarray) -> np.ndarray:
+def overlay_labels(grey: np.ndarray, label: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Label colours blended over a grey picture at LABEL_OPACITY where there is a label."""
     blended = np.round((1 - LABEL_OPACITY) * grey + LABEL_OPACITY * colours[label]).astype(np.uint8)
     return np.where((label > 0)[..., None], blended, grey)
@@ -155,8 +155,8 @@ def case_figure(
     spacing = nib.affines.voxel_sizes(affine)
     centre = tumour_centre(list(labels.values()), shape)
     position = nib.affines.apply_affine(affine, centre)
-    windows = {modality: _window(volume) for modality, volume in images.items()}
-    colours = _colour_table(scheme)
+    windows = {modality: intensity_window(volume) for modality, volume in images.items()}
+    colours = colour_table(scheme)
     titles = [MODALITY_TITLES[modality] for modality in MODALITIES]
     titles += [f"{key} on {MODALITY_TITLES[background]}" for key in labels]
 
@@ -169,9 +169,9 @@ def case_figure(
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(VIEWS), len(titles), squeeze=False, height_ratios=heights)
     for row, view in zip(axes, VIEWS, strict=True):
-        pictures = [_grey(_plane(images[modality], view, centre), windows[modality]) for modality in MODALITIES]
-        under = _grey(_plane(images[background], view, centre), windows[background])
-        pictures += [_overlay(under, _plane(label, view, centre), colours) for label in labels.values()]
+        pictures = [grey_rgb(_plane(images[modality], view, centre), windows[modality]) for modality in MODALITIES]
+        under = grey_rgb(_plane(images[background], view, centre), windows[background])
+        pictures += [overlay_labels(under, _plane(label, view, centre), colours) for label in labels.values()]
         for ax, picture in zip(row, pictures, strict=True):
             ax.imshow(picture, origin="lower", extent=extents[view], interpolation="nearest")
             ax.invert_xaxis()  # radiological: the patient's right (or anterior) on the left
