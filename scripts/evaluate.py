@@ -1,6 +1,7 @@
 """Score predicted BraTS label maps against ground truth with the official metrics of their label scheme.
 
 python -m scripts.evaluate --pred_dir P --gt_dir G --output_dir O [--label_scheme brats2023_ped] [--challenge PED]
+                           [--images_dir D]
 
 The label scheme (``scripts.labels``) says which regions are scored; the challenge names the official rules
 (``scripts.metrics.CHALLENGES``). Each defaults to the other: ``--label_scheme brats2024_ped`` scores with the 2024
@@ -9,7 +10,9 @@ Predictions are ``<case-id>.nii.gz`` in P. Ground truth in G is in the BraTS lay
 or flat (``<case-id>-seg.nii.gz`` or ``<case-id>.nii.gz``). Hidden files and folders (names starting with ".", such
 as the temporaries an interrupted inference leaves) are ignored. Before anything is computed or written, every pair is
 checked (readable, one grid, voxel values that are labels of the scheme) and all problems are reported in one error.
-Writes ``metrics_per_case.csv`` (one row per case and scored region), ``summary.csv`` and ``summary.json`` to O.
+Writes ``metrics_per_case.csv`` (one row per case and scored region), ``summary.csv`` and ``summary.json`` to O,
+then ``report.md`` (``scripts.report``): summary table, box plots, every case worst first, and the three worst cases
+drawn over their images when D, a dataset folder in the BraTS layout holding every case, is given.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import statistics
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import fire
@@ -29,10 +32,11 @@ import numpy as np
 from tqdm import tqdm
 
 from scripts.atomic import write_text_atomic
-from scripts.cases import volume_problem
+from scripts.cases import find_case_dirs, volume_problem
 from scripts.errors import InputError
 from scripts.labels import LabelScheme, get_scheme
 from scripts.metrics import CHALLENGES, METRIC_NAMES, compute_case_metrics, resolve_rules
+from scripts.report import write_report
 
 NIFTI_SUFFIX = ".nii.gz"
 SEG_SUFFIX = "-seg.nii.gz"
@@ -154,22 +158,47 @@ def _grid_problems(
     return []
 
 
+def _case_dir_problems(pairs: Sequence[CasePair], case_dirs: Mapping[str, str | Path], source: str) -> list[str]:
+    """Why the report could not draw a case over its images: no case folder in ``case_dirs`` (found in ``source``),
+    or one that does not exist."""
+    problems = []
+    for case, _, _ in pairs:
+        if case not in case_dirs:
+            problems.append(f"{case}: no case folder in {source}")
+        elif not Path(case_dirs[case]).is_dir():
+            problems.append(f"{case}: case folder {case_dirs[case]} does not exist")
+    return problems
+
+
+def _case_dirs_in(images_dir: str, pairs: Sequence[CasePair]) -> tuple[dict[str, Path], list[str]]:
+    """The case folders of a dataset folder in the BraTS layout by case id, and the pairs' cases it lacks."""
+    if not Path(images_dir).is_dir():
+        return {}, [f"images folder {images_dir} does not exist"]
+    case_dirs = {path.name: path for path in find_case_dirs(images_dir)}
+    source = f"images folder {images_dir} (BraTS layout: <case>/<case>-t1c.nii.gz, directly or one folder down)"
+    return case_dirs, _case_dir_problems(pairs, case_dirs, source)
+
+
 def evaluate_cases(
     pairs: list[tuple[str, str, str]],
     output_dir: str,
     challenge: str | None = None,
     label_scheme: str | LabelScheme | None = None,
+    case_dirs: Mapping[str, str | Path] | None = None,
 ) -> dict:
-    """Score (case id, prediction path, GT path) pairs, write the per-case CSV and the summaries, return the summary.
+    """Score (case id, prediction path, GT path) pairs, write the per-case CSV, the summaries and the report, return
+    the summary.
 
     ``challenge`` and ``label_scheme`` default to each other (``scripts.metrics.resolve_rules``); an unknown name is an
-    InputError. Every problem with the inputs is reported in one EvaluationInputError before anything is computed.
+    InputError. ``case_dirs`` ({case id: case folder}) lets the report draw the worst cases over their images. Every
+    problem with the inputs is reported in one EvaluationInputError before anything is computed.
     """
     challenge, scheme = resolve_rules(challenge, label_scheme)
     problems = check_case_pairs(pairs, scheme)
+    problems += _case_dir_problems(pairs, case_dirs, "case_dirs") if case_dirs is not None else []
     if problems:
         raise EvaluationInputError(problems)
-    return _score_cases(pairs, Path(output_dir), challenge, scheme)
+    return _score_cases(pairs, Path(output_dir), challenge, scheme, case_dirs)
 
 
 def evaluate_folders(
@@ -178,18 +207,30 @@ def evaluate_folders(
     output_dir: str,
     challenge: str | None = None,
     label_scheme: str | LabelScheme | None = None,
+    images_dir: str | None = None,
 ) -> dict:
-    """Pair a prediction folder with a ground-truth folder by case id, then score as ``evaluate_cases`` does."""
+    """Pair a prediction folder with a ground-truth folder by case id, then score as ``evaluate_cases`` does; the
+    case folders in ``images_dir`` (BraTS layout) let the report draw the worst cases over their images."""
     challenge, scheme = resolve_rules(challenge, label_scheme)
     pairs, problems = collect_case_pairs(pred_dir, gt_dir)
     problems += check_case_pairs(pairs, scheme) if pairs else []
+    case_dirs = None
+    if images_dir is not None:
+        case_dirs, image_problems = _case_dirs_in(str(images_dir), pairs)
+        problems += image_problems
     if problems:
         raise EvaluationInputError(problems)
-    return _score_cases(pairs, Path(output_dir), challenge, scheme)
+    return _score_cases(pairs, Path(output_dir), challenge, scheme, case_dirs)
 
 
-def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str, scheme: LabelScheme) -> dict:
-    """Compute every case's metrics and write the three result files."""
+def _score_cases(
+    pairs: Sequence[CasePair],
+    output_dir: Path,
+    challenge: str,
+    scheme: LabelScheme,
+    case_dirs: Mapping[str, str | Path] | None,
+) -> dict:
+    """Compute every case's metrics, write the three result files, then the report."""
     rows = []
     for case, pred_path, gt_path in tqdm(pairs, desc="evaluate", unit="case"):
         pred_image, gt_image = nib.load(pred_path), nib.load(gt_path)
@@ -203,14 +244,15 @@ def _score_cases(pairs: Sequence[CasePair], output_dir: Path, challenge: str, sc
         rows += [{"case": case, **row} for row in metrics]
     summary = summarize(rows, challenge, scheme)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output_dir / PER_CASE_FILE, _csv_text(PER_CASE_COLUMNS, rows))
+    write_text_atomic(output_dir / PER_CASE_FILE, csv_text(PER_CASE_COLUMNS, rows))
     summary_rows = [
         {"region": region, "metric": metric, **values}
         for region, metrics in summary["regions"].items()
         for metric, values in metrics.items()
     ]
-    write_text_atomic(output_dir / SUMMARY_CSV_FILE, _csv_text(("region", "metric", *SUMMARY_STATISTICS), summary_rows))
+    write_text_atomic(output_dir / SUMMARY_CSV_FILE, csv_text(("region", "metric", *SUMMARY_STATISTICS), summary_rows))
     write_text_atomic(output_dir / SUMMARY_JSON_FILE, json.dumps(summary, indent=2) + "\n")
+    write_report(output_dir, rows, summary, {case: pred_path for case, pred_path, _ in pairs}, case_dirs)
     return summary
 
 
@@ -251,7 +293,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
+def csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
     """CSV with exactly ``columns``, one line per row."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
@@ -261,11 +303,17 @@ def _csv_text(columns: Sequence[str], rows: Sequence[dict]) -> str:
 
 
 def main(
-    pred_dir: str, gt_dir: str, output_dir: str, challenge: str | None = None, label_scheme: str | None = None
+    pred_dir: str,
+    gt_dir: str,
+    output_dir: str,
+    challenge: str | None = None,
+    label_scheme: str | None = None,
+    images_dir: str | None = None,
 ) -> None:
-    """Score every prediction in ``pred_dir`` against ``gt_dir`` and write the results to ``output_dir``."""
+    """Score every prediction in ``pred_dir`` against ``gt_dir`` and write the results and report.md to
+    ``output_dir``; with ``images_dir`` (the dataset folder) the report draws the three worst cases."""
     try:
-        summary = evaluate_folders(str(pred_dir), str(gt_dir), str(output_dir), challenge, label_scheme)
+        summary = evaluate_folders(str(pred_dir), str(gt_dir), str(output_dir), challenge, label_scheme, images_dir)
     except ValueError as error:  # bad inputs or an unknown challenge or scheme: the message says what to fix
         sys.exit(f"evaluate: {error}")
     print(format_summary(summary))

@@ -24,6 +24,9 @@ PER_CASE_HEADER = (
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# What an evaluation writes to its output folder.
+EVALUATION_FILES = ["boxplots.png", "metrics_per_case.csv", "report.md", "summary.csv", "summary.json"]
+
 
 def tumour(et_label: int = 3) -> np.ndarray:
     """Edema shell around a core whose centre is enhancing (``et_label``), 64 voxels of TC, 216 of WT."""
@@ -62,7 +65,11 @@ def test_writes_per_case_metrics_and_summaries(tmp_path):
     summary = evaluate_folders(str(pred_dir), str(gt_dir), str(tmp_path / "out"))
 
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics_per_case.csv", "summary.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == EVALUATION_FILES
+    report = (out / "report.md").read_text()
+    # Both score 1 lesion-wise (the 8 mm^3 ET lesion is below the lesion-wise threshold): listed by case id.
+    assert report.index("| 1 | BraTS-PED-00001-000 | 1.0000 |") < report.index("| 2 | BraTS-PED-00002-000 | 1.0000 |")
+    assert "| ET | legacy Dice | 0.5000 ± 0.5000 | 0.5000 |" in report
     header, rows = read_csv(out / "metrics_per_case.csv")
     assert header == PER_CASE_HEADER
     assert [(row["case"][-9:], row["region"]) for row in rows] == [
@@ -285,7 +292,10 @@ def test_command_line_scores_every_2024_region_with_the_2024_rules(tmp_path):
     )
     assert result.returncode == 0, result.stderr
 
-    assert sorted(p.name for p in out.iterdir()) == ["metrics_per_case.csv", "summary.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == EVALUATION_FILES
+    report = (out / "report.md").read_text()
+    assert "| CC | lesion-wise Dice | 0.5000 ± 0.5000 | 0.5000 |" in report
+    assert "Sorted by the mean lesion-wise Dice over ET, TC, WT, NETC, CC, ED" in report
     header, rows = read_csv(out / "metrics_per_case.csv")
     assert header == PER_CASE_HEADER
     assert [(row["case"], row["region"]) for row in rows] == [

@@ -48,3 +48,14 @@ def test_evaluates_the_folds_validation_cases_on_their_own_grid(trained_fold, sy
     summary = json.loads((evaluation_dir / "summary.json").read_text())
     assert summary["num_cases"] == len(validation)
     assert (evaluation_dir / "summary.csv").is_file()
+
+    # The report lists every validation case and draws each (two cases, fewer than the three worst) over its images.
+    report = (evaluation_dir / "report.md").read_text()
+    every_case = report.split("## Every case, worst first", 1)[1]
+    assert {case["case"] for case in validation} == {
+        line.split("|")[2].strip() for line in every_case.splitlines() if line.startswith("| ") and "rank" not in line
+    }
+    for case in validation:
+        assert f"![{case['case']}](overlays/{case['case']}.png)" in report
+        assert (evaluation_dir / "overlays" / f"{case['case']}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (evaluation_dir / "boxplots.png").is_file()
