@@ -67,12 +67,6 @@ def epoch_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_checkpoint(output_dir: str | Path) -> str | None:
-    """Path of the newest full-state checkpoint (`checkpoint_epoch=N.pt`) in output_dir, or None."""
-    found = epoch_checkpoints(output_dir)
-    return str(found[0][1]) if found else None
-
-
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of a state dict that hold NaN or Inf."""
     return [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ignite.engine import Events
 
-from scripts.checkpoints import latest_checkpoint
+from scripts.checkpoints import epoch_checkpoints
 from scripts.errors import problem_lines
 from scripts.labels import get_scheme
 from scripts.prepare_datalist import load_json, make_datalist, write_json_atomic
@@ -35,7 +35,7 @@ def test_one_epoch_trains_validates_and_saves(trained_fold):
     assert set(metrics) >= {"val_mean_dice", "val_tc_dice", "val_wt_dice", "val_et_dice"}
     assert all(0.0 <= metrics[name] <= 1.0 for name in metrics)
     assert (output_dir / "model.pt").is_file()
-    assert latest_checkpoint(output_dir) == str(output_dir / "checkpoint_epoch=1.pt")
+    assert epoch_checkpoints(output_dir)[0] == (1, output_dir / "checkpoint_epoch=1.pt")
     assert any((output_dir / "tensorboard").iterdir())
 
 
@@ -67,7 +67,7 @@ def test_resumed_run_continues_from_saved_epoch(trained_fold, synthetic_dataset,
     workflow.run()
     assert epochs_run == [2]
     assert trainer.state.iteration == 8
-    assert latest_checkpoint(output_dir) == str(output_dir / "checkpoint_epoch=2.pt")
+    assert epoch_checkpoints(output_dir)[0] == (2, output_dir / "checkpoint_epoch=2.pt")
 
 
 @pytest.mark.parametrize("scheme", ["brats2024_ped", "brats2021"])
