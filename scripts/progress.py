@@ -1,7 +1,8 @@
 """How a training run is going, in files a person can open while it runs: ignite handlers of the training config.
 
 - ``TrainingProgress`` (trainer): ``metrics.csv``, one row per epoch (mean train loss, learning rate at the epoch's
-  end, validation Dice mean and per region on epochs with validation), and ``progress.png``, drawn from those rows
+  end, the epoch's seconds with its validation, peak RAM and GPU memory so far, validation Dice mean and per region
+  on epochs with validation), and ``progress.png``, drawn from those rows
   at each validation. Both are rewritten whole and atomically; a resumed run keeps the rows up to its checkpoint.
 - ``ValidationPreviews`` (evaluator): TensorBoard pictures of a few fixed validation cases at each validation: the
   axial slice through the tumour's centre of T1c, the ground truth and the prediction.
@@ -16,6 +17,7 @@ import csv
 import io
 import math
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,9 +36,10 @@ from torch.utils.tensorboard import SummaryWriter
 from scripts.atomic import atomic_output, write_text_atomic
 from scripts.cases import MODALITIES
 from scripts.labels import DEFAULT_SCHEME, get_scheme
+from scripts.resources import peak_memory
 from scripts.visualize import LABEL_COLOURS, colour_table, grey_rgb, intensity_window, overlay_labels, tumour_centre
 
-RUN_COLUMNS = ("epoch", "train_loss", "learning_rate")
+RUN_COLUMNS = ("epoch", "train_loss", "learning_rate", "seconds", "peak_ram_gb", "peak_gpu_gb")
 # Regions that are labels keep their label's colour (scripts.visualize); the nested regions have their own.
 NESTED_REGION_COLOURS = {"TC": (150, 40, 160), "WT": (20, 130, 140)}
 MEAN_COLOUR = (0, 0, 0)
@@ -156,6 +159,7 @@ class TrainingProgress:
         self.rows: list[dict[str, object]] = []
         self._loss_sum = 0.0
         self._loss_count = 0
+        self._epoch_start = time.perf_counter()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.read_previous_rows)
@@ -170,6 +174,7 @@ class TrainingProgress:
         # Fired after the checkpoint loader (which runs at STARTED) has restored the epoch this one follows.
         self.rows = [row for row in self.rows if int(row["epoch"]) < engine.state.epoch]
         self._loss_sum, self._loss_count = 0.0, 0
+        self._epoch_start = time.perf_counter()
 
     def add_loss(self, engine: Engine) -> None:
         self._loss_sum += float(from_engine(["loss"], first=True)(engine.state.output))
@@ -185,6 +190,8 @@ class TrainingProgress:
             "epoch": engine.state.epoch,
             "train_loss": total / count if count else "",
             "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - self._epoch_start, 2),
+            **peak_memory(),
         }
         row |= {name: float(scores[name]) if name in scores else "" for name in self.columns[len(RUN_COLUMNS) :]}
         self.rows.append(row)

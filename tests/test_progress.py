@@ -112,6 +112,10 @@ def test_metrics_csv_has_a_row_per_epoch_with_the_runs_values(resumed_run):
         assert {name: float(row[name]) for name in dice_columns("brats2023_ped")} == epoch["metrics"]
     assert float(rows[1]["train_loss"]) == pytest.approx(seen[2]["loss"], rel=1e-6)
     assert first["lr"] != seen[2]["lr"]  # the schedule moved: each row has its own epoch's rate
+    # Sizes a run: each epoch's seconds (with its validation), and this process's peak RAM, which cannot fall.
+    assert all(float(row["seconds"]) > 0 for row in rows)
+    assert 0.1 < float(rows[0]["peak_ram_gb"]) <= float(rows[1]["peak_ram_gb"]) < 24
+    assert (rows[1]["peak_gpu_gb"] == "") == (not torch.cuda.is_available())
 
 
 def test_resume_keeps_the_rows_up_to_the_checkpoint_and_replaces_the_rest(resumed_run):
@@ -193,11 +197,18 @@ def toy_training(tmp_path: Path, validate_at: set[int]) -> tuple[Engine, Trainin
     return trainer, progress, optimizer
 
 
+def without_costs(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The rows without the columns that vary from run to run (seconds, memory)."""
+    costs = {"seconds", "peak_ram_gb", "peak_gpu_gb"}
+    return [{name: value for name, value in row.items() if name not in costs} for row in rows]
+
+
 def test_rows_hold_mean_loss_rate_and_empty_scores_without_validation(tmp_path):
     trainer, _, _ = toy_training(tmp_path, validate_at={2})
     trainer.run([1.0, 3.0], max_epochs=3)
     _, rows = read_csv(tmp_path / "metrics.csv")
-    assert rows == [
+    assert all(float(row["seconds"]) >= 0 and float(row["peak_ram_gb"]) > 0 for row in rows)
+    assert without_costs(rows) == [
         {"epoch": "1", "train_loss": "2.0", "learning_rate": "1.0", "val_mean_dice": ""},
         {"epoch": "2", "train_loss": "2.0", "learning_rate": "0.5", "val_mean_dice": "0.75"},
         {"epoch": "3", "train_loss": "2.0", "learning_rate": "0.25", "val_mean_dice": ""},
@@ -212,10 +223,12 @@ def test_a_resumed_toy_run_drops_the_rows_after_its_restored_epoch(tmp_path):
     trainer, _, _ = toy_training(tmp_path, validate_at=set())
     trainer.load_state_dict({"epoch": 1, "epoch_length": 2, "max_epochs": 2})  # as the checkpoint loader does
     trainer.run([1.0, 3.0])
-    assert read_rows(tmp_path / "metrics.csv") == [
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert without_costs(rows) == [
         {"epoch": "1", "train_loss": "5.0", "learning_rate": "1.0", "val_mean_dice": "0.5"},
         {"epoch": "2", "train_loss": "2.0", "learning_rate": "1.0", "val_mean_dice": ""},
     ]
+    assert rows[0]["seconds"] == "" and rows[1]["seconds"] != ""  # a file from before these columns is kept
     assert not (tmp_path / "p.png").exists()  # drawn at validations only
 
 
