@@ -10,8 +10,10 @@ finished cases are skipped when a run is repeated, and what a killed run left ha
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,10 +25,11 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_numpy
 from tqdm import tqdm
 
-from scripts.atomic import atomic_output, remove_stale_temporaries
+from scripts.atomic import atomic_output, remove_stale_temporaries, write_text_atomic
 from scripts.cases import case_files, case_id_from_path, check_case, survey_folders
 from scripts.errors import InputError, problem_lines
 from scripts.prepare_datalist import load_json
+from scripts.resources import peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class CasePredictor:
         device: str | torch.device = "cpu",
         overwrite: bool = False,
         amp: bool = False,
+        summary_path: str | Path | None = None,
     ):
         self.cases = list(cases)
         self.preprocessing = preprocessing
@@ -121,6 +125,7 @@ class CasePredictor:
         self.device = torch.device(device)
         self.overwrite = overwrite
         self.amp = amp and self.device.type == "cuda"
+        self.summary_path = Path(summary_path) if summary_path is not None else None
 
     def output_path(self, case: dict) -> Path:
         return self.output_dir / f"{case['case']}.nii.gz"
@@ -144,7 +149,9 @@ class CasePredictor:
             logger.warning(f"removed {path.name}, left by an interrupted run")
         pending = [case for case in self.cases if self.overwrite or not self.output_path(case).exists()]
         failures: list[str] = []
+        seconds: list[float] = []
         for case in tqdm(pending, desc="cases", unit="case"):
+            start = time.perf_counter()
             # Headers only: the voxels are checked as preprocessing loads them (LoadCaseImaged).
             problems = check_case({**case, "label": None}, check_data=False)
             if not problems:
@@ -155,6 +162,8 @@ class CasePredictor:
                         line if line.startswith(f"{case['case']}: ") else f"{case['case']}: {line}"
                         for line in problem_lines(error)
                     ]
+            if not problems:
+                seconds.append(time.perf_counter() - start)
             for problem in problems:
                 logger.error(problem)
             failures += problems
@@ -164,11 +173,17 @@ class CasePredictor:
             "skipped_existing": len(self.cases) - len(pending),
             "failed": failed,
             "output_dir": str(self.output_dir),
+            # Reading, preprocessing, network, post-processing and writing of a written case.
+            "seconds_per_case": round(sum(seconds) / len(seconds), 2) if seconds else None,
+            **peak_memory(),
         }
         logger.info(
             f"{summary['written']} written, {summary['skipped_existing']} already present (skipped), "
-            f"{len(failed)} failed, in {self.output_dir}"
+            f"{len(failed)} failed, in {self.output_dir}; {summary['seconds_per_case']} s per case, "
+            f"peak RAM {summary['peak_ram_gb']} GB"
         )
+        if self.summary_path is not None:
+            write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
         if failures:
             raise SystemExit("failed cases:\n" + "\n".join(failures))
         return summary
