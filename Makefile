@@ -1,12 +1,18 @@
 # Two entry points: `make demo` (set up, make synthetic cases, train, evaluate) and `make test`.
-# `make demo LABEL_SCHEME=brats2024_ped` runs the demo with today's BraTS-PEDs labels (1 ET, 2 NET, 3 CC, 4 ED).
+# `make demo LABEL_SCHEME=brats2024_ped` runs the demo with today's BraTS-PEDs labels (1 ET, 2 NET, 3 CC, 4 ED);
+# `make demo MODEL=unet2d` trains and evaluates the 2D U-Net variant (configs/unet2d.yaml) instead of Swin UNETR.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 LABEL_SCHEME ?= brats2023_ped
+MODEL ?= swin_unetr
 DEMO_DATA := data/demo/$(LABEL_SCHEME)
 BUNDLE_RUN := $(PYTHON) -m monai.bundle run
-DEMO_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml']"
-DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml', 'configs/evaluate.yaml']"
+# The configs layered on train.yaml for each model.
+MODEL_CONFIGS_swin_unetr := 'configs/demo.yaml'
+MODEL_CONFIGS_unet2d := 'configs/demo.yaml', 'configs/unet2d.yaml'
+MODEL_CONFIGS := $(or $(MODEL_CONFIGS_$(MODEL)),$(error MODEL must be swin_unetr or unet2d, not $(MODEL)))
+DEMO_CONFIGS := "['configs/train.yaml', $(MODEL_CONFIGS)]"
+DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', $(MODEL_CONFIGS), 'configs/evaluate.yaml']"
 
 .PHONY: setup demo test lint clean-demo
 
