@@ -45,6 +45,7 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if idist.get_rank() != 0:
+            self._to_remove = []
             return
         path = self.dirname / (self.filename or filename)
         save_atomic(checkpoint, path)

@@ -3,7 +3,9 @@
 `CasePredictor` runs a config's preprocessing, inferer and postprocessing case by case: a bad case
 (missing, truncated or mismatched files; NaN, Inf or all-zero volumes) is reported (case, file, reason)
 and skipped, every output is written atomically on exactly the grid and header of the case's t1c file,
-finished cases are skipped when a run is repeated, and what a killed run left half-written is removed.
+finished cases are skipped when a run is repeated, and what a killed run left half-written is removed. Under
+torchrun (configs/multi_gpu_inference.yaml) each process predicts every N-th case and the summary and exit status
+cover them all.
 `EnsembleInferer` averages sigmoid probabilities over checkpoints and mirrored inputs.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
 import torch
@@ -141,16 +144,20 @@ class CasePredictor:
         return convert_to_numpy(data["pred"])[0]
 
     def run(self) -> dict:
-        """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed."""
+        """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed.
+        Under torchrun every process takes every N-th case (the list is the same on all, so each case falls to
+        one) and all of them return the summary of all cases; process 0 exits with status 1 if any case failed."""
         if not self.cases:
             raise InputError("no cases to predict")
         self.network.eval()
         for path in remove_stale_temporaries(self.output_dir):
             logger.warning(f"removed {path.name}, left by an interrupted run")
-        pending = [case for case in self.cases if self.overwrite or not self.output_path(case).exists()]
+        rank, world = idist.get_rank(), idist.get_world_size()
+        share = self.cases[rank::world]
+        pending = [case for case in share if self.overwrite or not self.output_path(case).exists()]
         failures: list[str] = []
         seconds: list[float] = []
-        for case in tqdm(pending, desc="cases", unit="case"):
+        for case in tqdm(pending, desc="cases", unit="case", disable=rank > 0):
             start = time.perf_counter()
             # Headers only: the voxels are checked as preprocessing loads them (LoadCaseImaged).
             problems = check_case({**case, "label": None}, check_data=False)
@@ -167,23 +174,29 @@ class CasePredictor:
             for problem in problems:
                 logger.error(problem)
             failures += problems
+        outcome = (len(share), len(pending), failures, seconds, peak_memory())
+        # A gather is also a barrier: once it returns, every process has written its cases.
+        outcomes = idist.all_gather(outcome) if world > 1 else [outcome]
+        failures = [problem for _, _, rank_failures, _, _ in outcomes for problem in rank_failures]
+        seconds = [case_seconds for _, _, _, rank_seconds, _ in outcomes for case_seconds in rank_seconds]
         failed = sorted({problem.split(": ", 1)[0] for problem in failures})
         summary = {
-            "written": len(pending) - len(failed),
-            "skipped_existing": len(self.cases) - len(pending),
+            "written": sum(num_pending for _, num_pending, _, _, _ in outcomes) - len(failed),
+            "skipped_existing": sum(num_cases - num_pending for num_cases, num_pending, _, _, _ in outcomes),
             "failed": failed,
             "output_dir": str(self.output_dir),
             # Reading, preprocessing, network, post-processing and writing of a written case.
             "seconds_per_case": round(sum(seconds) / len(seconds), 2) if seconds else None,
-            **peak_memory(),
+            # Of the process that needed most.
+            **{key: max(memory[key] for *_, memory in outcomes) for key in ("peak_ram_gb", "peak_gpu_gb")},
         }
         logger.info(
             f"{summary['written']} written, {summary['skipped_existing']} already present (skipped), "
             f"{len(failed)} failed, in {self.output_dir}; {summary['seconds_per_case']} s per case, "
             f"peak RAM {summary['peak_ram_gb']} GB"
         )
-        if self.summary_path is not None:
+        if self.summary_path is not None and rank == 0:
             write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
-        if failures:
+        if failures and rank == 0:
             raise SystemExit("failed cases:\n" + "\n".join(failures))
         return summary

@@ -182,6 +182,7 @@ class TrainingProgress:
 
     def write_epoch(self, engine: Engine) -> None:
         total, count = idist.all_reduce(torch.tensor([self._loss_sum, self._loss_count], dtype=torch.float64)).tolist()
+        memory = peak_memory(of_all_processes=True)
         validated = self.evaluator.state.epoch == engine.state.epoch and bool(self.evaluator.state.metrics)
         if not _is_writer():
             return
@@ -191,7 +192,7 @@ class TrainingProgress:
             "train_loss": total / count if count else "",
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - self._epoch_start, 2),
-            **peak_memory(),
+            **memory,
         }
         row |= {name: float(scores[name]) if name in scores else "" for name in self.columns[len(RUN_COLUMNS) :]}
         self.rows.append(row)

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import resource
 
+import ignite.distributed as idist
 import torch
 
 
-def peak_memory() -> dict[str, float | str]:
+def peak_memory(of_all_processes: bool = False) -> dict[str, float | str]:
     """Peak RAM (resident set of this process; DataLoader workers are not counted) and peak GPU memory allocated
-    by torch on this process's device ("" without one), in GB, since the process started."""
-    ram = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
-    gpu = round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else ""
-    return {"peak_ram_gb": round(ram, 2), "peak_gpu_gb": gpu}
+    by torch on this process's device ("" without one), in GB, since the process started; with
+    `of_all_processes` (every rank must call it then) the largest of the torchrun processes'."""
+    ram = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    if of_all_processes and idist.get_world_size() > 1:
+        # On the process group's device: NCCL reduces GPU tensors only.
+        peaks = torch.tensor([ram, gpu or 0], dtype=torch.float64, device=idist.device())
+        ram, largest_gpu = idist.all_reduce(peaks, op="MAX").tolist()
+        gpu = None if gpu is None else largest_gpu
+    return {"peak_ram_gb": round(ram / 1e9, 2), "peak_gpu_gb": "" if gpu is None else round(gpu / 1e9, 2)}

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
@@ -25,6 +26,7 @@ from monai.metrics import Cumulative
 
 from scripts.atomic import remove_stale_temporaries
 from scripts.checkpoints import finite_or_raise, newest_usable_checkpoint, non_finite_tensors, save_atomic
+from scripts.distributed import agree
 from scripts.errors import BundleError
 from scripts.labels import get_scheme, region_output_transform
 
@@ -93,7 +95,7 @@ class NonFiniteGuard:
 
 class BestModelSaver:
     """Evaluator handler: on each new best key metric, write the network's weights (a plain state dict, what
-    inference loads) to `path` atomically.
+    inference loads) to `path` atomically; under DDP every rank takes part and rank 0 alone writes.
 
     MONAI's evaluator already keeps the best score and its epoch (``state.best_metric``, ``best_metric_epoch``);
     this handler's ``state_dict`` carries them in the training checkpoint, so after a resume a worse score does not
@@ -116,7 +118,8 @@ class BestModelSaver:
             raise BundleError(f"validation at epoch {state.epoch} gave a non-finite score ({state.best_metric})")
         network = _unwrap(self.network)
         finite_or_raise(network, f"best model of epoch {state.epoch}")
-        save_atomic(network.state_dict(), self.path)
+        if idist.get_rank() == 0:
+            save_atomic(network.state_dict(), self.path)
         logger.info(f"new best {state.key_metric_name} {state.best_metric:.4f} at epoch {state.epoch}: {self.path}")
 
     def state_dict(self) -> dict:
@@ -193,13 +196,20 @@ def resume(
     """Prepare `trainer` to continue from the newest usable checkpoint in `output_dir` (returned; None to start
     afresh): remove the temporaries of killed runs, skip unreadable or non-finite checkpoints (each named in the
     log), restore `state` and the `checkpointer`'s list of saved files; the configured schedule and `learning_rate`
-    apply from the restored step on."""
+    apply from the restored step on. Under DDP every rank must find the same checkpoint."""
     for path in remove_stale_temporaries(output_dir):
         logger.warning(f"removed {path.name}, left by an interrupted save")
     to_load = {**state, "checkpointer": checkpointer}
     path = newest_usable_checkpoint(output_dir, required=to_load)
+    # Under DDP a rank that started afresh beside one that resumed would train a different model (or hang).
+    agree(
+        path.name if path else "no checkpoint",
+        "the checkpoint to resume from",
+        f"{output_dir} must be one folder that every node sees",
+    )
     if path is None:
         return None
+    epoch_length = trainer.state.epoch_length  # as configured, before the checkpoint replaces it
     CheckpointLoader(str(path), to_load, map_location=device).attach(trainer)
     if learning_rate is not None and "optimizer" in state and "lr_scheduler" in state:
         optimizer, scheduler = state["optimizer"], state["lr_scheduler"]
@@ -207,7 +217,28 @@ def resume(
         trainer.add_event_handler(
             Events.STARTED, lambda _: _apply_configured_schedule(optimizer, scheduler, settings, learning_rate)
         )
+    trainer.add_event_handler(
+        Events.STARTED, lambda _: _continue_with_epochs_of(trainer, epoch_length, state.get("lr_scheduler"))
+    )
     return path
+
+
+def _continue_with_epochs_of(trainer: Engine, epoch_length: int | None, scheduler: object | None) -> None:
+    """Checkpoints are written at the end of an epoch. When epochs now take another number of steps (another number
+    of processes, batch size or training cases), continue after that epoch, and the schedule at the step where the
+    new epochs put it; ignite would keep the checkpoint's epoch length and step count."""
+    state = trainer.state
+    if epoch_length is None or state.epoch_length == epoch_length:
+        return
+    logger.warning(
+        f"epochs take {epoch_length} steps, the checkpoint's took {state.epoch_length} (another number of processes, "
+        f"batch size or training cases): continuing after epoch {state.epoch} at step {state.epoch * epoch_length}"
+    )
+    state.epoch_length = epoch_length
+    state.iteration = state.epoch * epoch_length
+    if scheduler is not None:
+        scheduler.last_epoch = state.iteration - 1
+        scheduler.step()  # sets the learning rate of that step
 
 
 def region_dice_metrics(dice_metric: Cumulative, label_scheme: str, prefix: str = "val") -> dict[str, Any]:

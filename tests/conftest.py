@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -92,25 +93,51 @@ def tiny_swin_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def kill_while_writing(command: list[str], folder: Path, final_name: str, timeout: float = 240.0) -> str:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its living descendants (Linux /proc): torchrun starts each worker in a session of its own, so a
+    process group does not hold them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, queue = [], [pid]
+    while queue:
+        tree.append(queue.pop())
+        queue += children.get(tree[-1], [])
+    return tree
+
+
+def kill_while_writing(
+    command: list[str], folder: Path, final_name: str, timeout: float = 240.0, with_children: bool = False
+) -> str:
     """Start `command`, SIGKILL it while it writes a temporary of a file named like `final_name` (a glob) in
-    `folder`, and return the name of the file it was writing."""
+    `folder`, and return the name of the file it was writing. `with_children`: freeze and kill its descendants
+    too (torchrun's workers), as a job scheduler or a node failure would."""
     process = subprocess.Popen(command, cwd=REPOSITORY, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def send(signal_number: int) -> None:
+        for pid in process_tree(process.pid) if with_children else [process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal_number)
+
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and process.poll() is None:
             writing = [path for path in folder.glob(f".{final_name}.partial.*")] if folder.is_dir() else []
             if writing:
-                os.kill(process.pid, signal.SIGSTOP)  # freeze it, then make sure the write is still under way
+                send(signal.SIGSTOP)  # freeze it, then make sure the write is still under way
                 if writing[0].exists():
-                    os.kill(process.pid, signal.SIGKILL)
+                    send(signal.SIGKILL)
                     process.wait()
                     return writing[0].name.split(".partial.")[0][1:]
-                os.kill(process.pid, signal.SIGCONT)
+                send(signal.SIGCONT)
             time.sleep(0.0005)
     finally:
         if process.poll() is None:
-            process.kill()
+            send(signal.SIGKILL)
             process.wait()
     raise AssertionError(f"{command} never wrote {final_name} in {folder} (exit status {process.returncode})")
 
