@@ -8,7 +8,7 @@ BUNDLE_RUN := $(PYTHON) -m monai.bundle run
 DEMO_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml']"
 DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', 'configs/demo.yaml', 'configs/evaluate.yaml']"
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint clean-demo monailabel-setup monailabel-check
 
 setup: $(VENV)/.installed
 
@@ -37,3 +37,19 @@ lint: setup
 
 clean-demo:
 	rm -rf data/demo models/demo
+
+# MONAI Label 0.8.5's stock monaibundle app serving this bundle, end to end (docs/monailabel.md). Its own venv holds
+# MONAI Label with this bundle's torch and MONAI and nothing else of the bundle, as a MONAI Label install would.
+MONAILABEL_VENV ?= .venv-monailabel
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+
+monailabel-setup: $(MONAILABEL_VENV)/.installed
+
+$(MONAILABEL_VENV)/.installed: requirements.txt requirements-monailabel.txt
+	python3 -m venv $(MONAILABEL_VENV)
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet "$(TORCH_PIN)"
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet -r requirements-monailabel.txt
+	touch $@
+
+monailabel-check: setup monailabel-setup
+	$(PYTHON) -m scripts.monailabel_check --monailabel $(MONAILABEL_VENV)/bin/monailabel
