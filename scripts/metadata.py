@@ -95,10 +95,11 @@ def json_text(content: dict) -> str:
     return json.dumps(content, indent=4) + "\n"
 
 
-def main(label_scheme: str | None = None, metadata: str = str(METADATA), check: bool = False) -> None:
-    """Rewrite METADATA's output description for LABEL_SCHEME (default: configs/inference.yaml's); with --check,
-    only say whether it is up to date (exit status 1 if not)."""
+def main(label_scheme: str | None = None, metadata: str | None = None, check: bool = False) -> None:
+    """Rewrite METADATA's (default: configs/metadata.json) output description for LABEL_SCHEME (default:
+    configs/inference.yaml's); with --check, only say whether it is up to date (exit status 1 if not)."""
     scheme = get_scheme(label_scheme or config_label_scheme())
+    metadata = metadata or str(METADATA)
     text = Path(metadata).read_text(encoding="utf-8")
     expected = json_text(with_outputs_of(json.loads(text), scheme))
     if check:

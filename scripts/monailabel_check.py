@@ -45,13 +45,13 @@ START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 600
 
 
-class CheckFailed(Exception):
+class CheckError(Exception):
     """A check that did not hold."""
 
 
 def check(condition: bool, what: str) -> None:
     if not condition:
-        raise CheckFailed(what)
+        raise CheckError(what)
     print(f"ok: {what}", flush=True)
 
 
@@ -111,12 +111,12 @@ def wait_for_server(url: str, server: subprocess.Popen, log: Path) -> dict:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise CheckFailed(f"the server exited with status {server.returncode}:\n{log.read_text()[-4000:]}")
+            raise CheckError(f"the server exited with status {server.returncode}:\n{log.read_text()[-4000:]}")
         try:
             return requests.get(f"{url}/info/", timeout=5).json()
         except requests.RequestException:
             time.sleep(2)
-    raise CheckFailed(f"no answer from {url}/info/ within {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+    raise CheckError(f"no answer from {url}/info/ within {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
 def infer(url: str, study: Path, output: Path) -> np.ndarray:
@@ -146,10 +146,22 @@ def assert_label_map_on_grid(result: Path, study: Path, t1c: Path, values: set[i
     return data
 
 
+def monailabel_environment(monailabel: str) -> dict[str, str]:
+    """The environment of an activated MONAI Label venv: its `monailabel` command runs the first `python` on PATH."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    venv_bin = str(Path(monailabel).parent)
+    environment.update(
+        PATH=f"{venv_bin}{os.pathsep}{environment.get('PATH', '')}", VIRTUAL_ENV=str(Path(venv_bin).parent)
+    )
+    return environment
+
+
 def run_checks(monailabel: str, workdir: Path) -> None:
     scheme = get_scheme(config_label_scheme())
+    environment = monailabel_environment(monailabel)
     app = workdir / "apps" / "monaibundle"
-    subprocess.run([monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(app.parent)], check=True)
+    download = [monailabel, "apps", "--download", "--name", "monaibundle", "--output", str(app.parent)]
+    subprocess.run(download, check=True, env=environment)
     check((app / "main.py").is_file(), f"stock monaibundle app in {app}")
     bundle = install_bundle(app / "model")
     model_file = bundle / "models" / "model.pt"
@@ -167,7 +179,9 @@ def run_checks(monailabel: str, workdir: Path) -> None:
     command += ["--conf", "zoo_source", "github", "--conf", "sam2", "false", "--conf", "skip_trainers", "true"]
     print("starting:", " ".join(command), flush=True)
     with open(log, "w") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
     try:
         info = wait_for_server(url, server, log)
         labels = info["models"][BUNDLE_NAME]["labels"]
@@ -188,13 +202,19 @@ def run_checks(monailabel: str, workdir: Path) -> None:
             f"{covered:.1%} of the input, 0 elsewhere (first request: values {sorted(np.unique(first).tolist())})",
         )
     finally:
+        stop(server)
+        print(f"server stopped (server log: {log})", flush=True)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """End the server and the processes it started (its own process group), by its id."""
+    if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        print(f"server stopped (server log: {log})", flush=True)
 
 
 def main(monailabel: str = ".venv-monailabel/bin/monailabel", workdir: str | None = None) -> None:
@@ -203,7 +223,7 @@ def main(monailabel: str = ".venv-monailabel/bin/monailabel", workdir: str | Non
     folder = Path(workdir or tempfile.mkdtemp(prefix="monailabel_check_"))
     try:
         run_checks(str(Path(monailabel).absolute()), folder)
-    except CheckFailed as failure:
+    except CheckError as failure:
         print(f"FAILED: {failure}\n(files kept in {folder})", file=sys.stderr)
         sys.exit(1)
     if workdir is None:
