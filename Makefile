@@ -47,7 +47,6 @@ monailabel-setup: $(MONAILABEL_VENV)/.installed
 
 # PyPI's build of the pinned torch first, so that pip keeps it (about 3 GB with its CUDA libraries; it runs on a CPU
 # too): MONAI Label imports torchvision, whose PyPI wheels do not load with a CPU-only (+cpu) build of the same torch.
-
 $(MONAILABEL_VENV)/.installed: requirements.txt requirements-monailabel.txt
 	python3 -m venv $(MONAILABEL_VENV)
 	$(MONAILABEL_VENV)/bin/python -m pip install --quiet "$(TORCH_PIN),!=$(subst torch==,,$(TORCH_PIN))+cpu"
