@@ -4,7 +4,8 @@ A case folder ``<case>`` holds ``<case>-t1c``, ``-t1n``, ``-t2f``, ``-t2w`` and,
 volumes (``.nii.gz`` or ``.nii``); the 2023 challenge and the 2024+ BraTS-PEDs releases share it and differ in
 their folder names (``...-TrainingData``, ``Training``, ``BraTS2024-PEDs-Training``...) and label schemes.
 A case may also be one stacked file ``<case>.nii.gz`` holding the four modalities as channels in that order
-(``scripts.stack_modalities``; MONAI Label serves one image per case): its ``image`` list has that one path.
+(``scripts.stack_modalities``; MONAI Label serves one image per case): ``stacked_case`` gives its ``image`` list,
+that one path, and marks it ``stacked`` for the checks.
 ``check_case`` lists what makes a case unusable before any work starts; ``LoadCaseImaged`` refuses the same bad
 voxels where a config loads the data.
 """
@@ -133,9 +134,9 @@ def case_files(case_dir: str | Path) -> dict:
 
 
 def stacked_case(path: str | Path) -> dict:
-    """A case stored as one 4-channel file (``<case>.nii.gz``), in the form of ``case_files``."""
+    """A case stored as one 4-channel file (``<case>.nii.gz``), in the form of ``case_files``, marked ``stacked``."""
     path = Path(path).absolute()
-    return {"case": _NIFTI_NAME.sub("", path.name), "image": [str(path)], "label": None}
+    return {"case": _NIFTI_NAME.sub("", path.name), "image": [str(path)], "label": None, "stacked": True}
 
 
 def stacked_case_files(folder: str | Path) -> list[Path]:
@@ -293,8 +294,8 @@ def _read_voxels(image: nib.Nifti1Image, label: bool) -> tuple[str | None, set[i
 
 
 def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) -> tuple[list[str], set[int] | None]:
-    """(problems of a case from ``case_files``, each "case: file: reason", the distinct values of its
-    segmentation or None when there is none or it was not read), all but the label scheme's check: a dataset's
+    """(problems of a case from ``case_files`` or ``stacked_case``, each "case: file: reason", the distinct values
+    of its segmentation or None when there is none or it was not read), all but the label scheme's check: a dataset's
     scheme may be told from the values of all its cases, so each file is read once, before it is known.
 
     Headers give presence, shape, affine and completeness cheaply; ``check_data`` also reads every volume once
@@ -302,7 +303,7 @@ def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) 
     """
     reference: tuple[str, nib.Nifti1Image] | None = None
     problems, values = [], None
-    stacked = len(case["image"]) == 1
+    stacked = bool(case.get("stacked"))
     for path in [*case["image"], *([case["label"]] if case["label"] else [])]:
         is_label = path == case["label"]
         image, problem = _open_volume(path, stacked=stacked and not is_label)

@@ -2,9 +2,9 @@
 
 `CasePredictor` runs a config's preprocessing, inferer and postprocessing case by case: a bad case
 (missing, truncated or mismatched files; NaN, Inf or all-zero volumes) is reported (case, file, reason)
-and skipped, every output is written atomically on exactly the grid and header of the case's t1c file (or of its
-stacked file, scripts.stack_modalities),
-finished cases are skipped when a run is repeated, and what a killed run left half-written is removed.
+and skipped, every output is written atomically on exactly the grid and header of the case's t1c file
+(or of its stacked 4-channel file, scripts.stack_modalities), finished cases are skipped when a run is
+repeated, and what a killed run left half-written is removed.
 `EnsembleInferer` averages sigmoid probabilities over checkpoints and mirrored inputs.
 """
 
@@ -49,8 +49,9 @@ def cases_in_folder(dataset_dir: str | Path) -> list[dict]:
         raise InputError([f"no cases in {dataset_dir}: expected {expected}", *folder_problems])
     for problem in folder_problems:
         logger.warning(f"not a case, left out: {problem}")
-    cases = [*map(case_files, case_dirs), *map(stacked_case, stacked)]
-    return [{"case": case["case"], "image": case["image"]} for case in cases]
+    return [{"case": case["case"], "image": case["image"]} for case in map(case_files, case_dirs)] + [
+        {"case": case["case"], "image": case["image"], "stacked": True} for case in map(stacked_case, stacked)
+    ]
 
 
 def cases_in_datalist(datalist: str | Path, dataset_dir: str | Path, key: str = "testing") -> list[dict]:

@@ -203,7 +203,7 @@ def run_checks(monailabel: str, workdir: Path) -> None:
         )
     finally:
         stop(server)
-        print(f"server stopped (server log: {log})", flush=True)
+        print("server stopped", flush=True)
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -224,7 +224,7 @@ def main(monailabel: str = ".venv-monailabel/bin/monailabel", workdir: str | Non
     try:
         run_checks(str(Path(monailabel).absolute()), folder)
     except CheckError as failure:
-        print(f"FAILED: {failure}\n(files kept in {folder})", file=sys.stderr)
+        print(f"FAILED: {failure}\n(files and the server log kept in {folder})", file=sys.stderr)
         sys.exit(1)
     if workdir is None:
         shutil.rmtree(folder)

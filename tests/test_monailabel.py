@@ -18,8 +18,9 @@ import torch
 from monai.bundle import ConfigParser
 from monai.transforms import Spacingd
 
-from scripts.cases import MODALITIES, LoadCaseImaged, case_file_name, case_files, find_case_dirs
+from scripts.cases import MODALITIES, LoadCaseImaged, case_file_name, case_files, check_case, find_case_dirs
 from scripts.errors import InputError
+from scripts.inference import cases_in_folder
 from scripts.postprocess import without_small_components
 from scripts.stack_modalities import stack_dataset
 from tests import test_inference
@@ -189,3 +190,15 @@ def test_inference_predicts_a_stacked_case_as_its_four_files(
     stacked, separate = label_data(tmp_path / "stacked" / output), label_data(tmp_path / "separate" / output)
     assert separate.any()
     np.testing.assert_array_equal(stacked, separate)
+
+
+def test_a_stacked_case_must_hold_four_channels_and_a_single_image_may_be_3d(synthetic_dataset, tmp_path):
+    t1c = case_files(find_case_dirs(synthetic_dataset)[0])["image"][0]
+    shutil.copy(t1c, tmp_path / "BraTS-PED-09999-000.nii.gz")
+    (case,) = cases_in_folder(tmp_path)
+    assert case["stacked"] and case["case"] == "BraTS-PED-09999-000"
+    assert check_case({**case, "label": None}, check_data=False) == [
+        f"BraTS-PED-09999-000: {tmp_path / 'BraTS-PED-09999-000.nii.gz'}: expected one volume of 4 channels "
+        f"(t1c, t1n, t2f, t2w) along the fourth axis, got shape {SMALL_SHAPE}"
+    ]
+    assert check_case({"case": "one", "image": [t1c], "label": None}, check_data=False) == []
