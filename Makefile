@@ -14,7 +14,7 @@ MODEL_CONFIGS := $(or $(MODEL_CONFIGS_$(MODEL)),$(error MODEL must be swin_unetr
 DEMO_CONFIGS := "['configs/train.yaml', $(MODEL_CONFIGS)]"
 DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', $(MODEL_CONFIGS), 'configs/evaluate.yaml']"
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint clean-demo monailabel-setup monailabel-check
 
 setup: $(VENV)/.installed
 
@@ -43,3 +43,21 @@ lint: setup
 
 clean-demo:
 	rm -rf data/demo models/demo
+
+# MONAI Label 0.8.5's stock monaibundle app serving this bundle, end to end (docs/monailabel.md). Its own venv holds
+# MONAI Label with this bundle's torch and MONAI and nothing else of the bundle, as a MONAI Label install would.
+MONAILABEL_VENV ?= .venv-monailabel
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+
+monailabel-setup: $(MONAILABEL_VENV)/.installed
+
+# PyPI's build of the pinned torch first, so that pip keeps it (about 3 GB with its CUDA libraries; it runs on a CPU
+# too): MONAI Label imports torchvision, whose PyPI wheels do not load with a CPU-only (+cpu) build of the same torch.
+$(MONAILABEL_VENV)/.installed: requirements.txt requirements-monailabel.txt
+	python3 -m venv $(MONAILABEL_VENV)
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet "$(TORCH_PIN),!=$(subst torch==,,$(TORCH_PIN))+cpu"
+	$(MONAILABEL_VENV)/bin/python -m pip install --quiet -r requirements-monailabel.txt
+	touch $@
+
+monailabel-check: setup monailabel-setup
+	$(PYTHON) -m scripts.monailabel_check --monailabel $(MONAILABEL_VENV)/bin/monailabel

@@ -3,6 +3,9 @@
 A case folder ``<case>`` holds ``<case>-t1c``, ``-t1n``, ``-t2f``, ``-t2w`` and, for training data, ``-seg``
 volumes (``.nii.gz`` or ``.nii``); the 2023 challenge and the 2024+ BraTS-PEDs releases share it and differ in
 their folder names (``...-TrainingData``, ``Training``, ``BraTS2024-PEDs-Training``...) and label schemes.
+A case may also be one stacked file ``<case>.nii.gz`` holding the four modalities as channels in that order
+(``scripts.stack_modalities``; MONAI Label serves one image per case): ``stacked_case`` gives its ``image`` list,
+that one path, and marks it ``stacked`` for the checks.
 ``check_case`` lists what makes a case unusable before any work starts; ``LoadCaseImaged`` refuses the same bad
 voxels where a config loads the data.
 """
@@ -130,6 +133,17 @@ def case_files(case_dir: str | Path) -> dict:
     }
 
 
+def stacked_case(path: str | Path) -> dict:
+    """A case stored as one 4-channel file (``<case>.nii.gz``), in the form of ``case_files``, marked ``stacked``."""
+    path = Path(path).absolute()
+    return {"case": _NIFTI_NAME.sub("", path.name), "image": [str(path)], "label": None, "stacked": True}
+
+
+def stacked_case_files(folder: str | Path) -> list[Path]:
+    """The NIfTI files directly in `folder` (stacked cases), sorted; hidden files and temporaries are left out."""
+    return [Path(folder) / name for name in _nifti_names(Path(folder))]
+
+
 def case_id_from_path(image_path: str | Path) -> str:
     """Case id from a volume's file name, e.g. ``BraTS-PED-00002-000-t1c.nii.gz`` -> ``BraTS-PED-00002-000``."""
     match = _CASE_FILE_NAME.match(Path(image_path).name)
@@ -219,8 +233,9 @@ def _other_suffix(path: str) -> str | None:
     return path + ".gz" if path.endswith(".nii") else None
 
 
-def _open_volume(path: str) -> tuple[nib.Nifti1Image | None, str | None]:
-    """(image with its header read, None) or (None, why it cannot be used)."""
+def _open_volume(path: str, stacked: bool = False) -> tuple[nib.Nifti1Image | None, str | None]:
+    """(image with its header read, None) or (None, why it cannot be used); a `stacked` image holds the four
+    modalities along its fourth axis, any other is 3D."""
     if not Path(path).is_file():
         return None, "missing"
     twin = _other_suffix(path)
@@ -228,7 +243,12 @@ def _open_volume(path: str) -> tuple[nib.Nifti1Image | None, str | None]:
         return None, f"both {Path(path).name} and {Path(twin).name} exist: keep one"
     try:
         image = nib.load(path)
-        if len(image.shape) != 3:
+        if stacked and (len(image.shape) != 4 or image.shape[3] != len(MODALITIES)):
+            return None, (
+                f"expected one volume of {len(MODALITIES)} channels ({', '.join(MODALITIES)}) along the fourth axis, "
+                f"got shape {image.shape}"
+            )
+        if not stacked and len(image.shape) != 3:
             return None, f"expected a 3D volume, got shape {image.shape}"
         if not _stored_size_matches(path, image):
             # Multi-member gzip files also fail the cheap test: only a full read decides. The voxels are kept,
@@ -241,30 +261,41 @@ def _open_volume(path: str) -> tuple[nib.Nifti1Image | None, str | None]:
 
 def _grid_problem(image: nib.Nifti1Image, reference_name: str, reference: nib.Nifti1Image) -> str | None:
     """Why a volume is not on the grid of the case's first readable volume, or None."""
-    if image.shape != reference.shape:
-        return f"shape {image.shape} differs from {reference_name} {reference.shape}"
+    if image.shape[:3] != reference.shape[:3]:
+        return f"shape {image.shape[:3]} differs from {reference_name} {reference.shape[:3]}"
     if not np.allclose(image.affine, reference.affine, atol=AFFINE_TOLERANCE):
         difference = np.abs(image.affine - reference.affine).max()
         return f"affine differs from {reference_name} (max difference {difference:.3g})"
     return None
 
 
+def channel_problems(data: np.ndarray) -> list[str]:
+    """``volume_problem`` of each modality of a stacked image (modalities along the last axis), naming the channel."""
+    named = [
+        f"channel {index}" + (f" ({MODALITIES[index]})" if index < len(MODALITIES) else "")
+        for index in range(data.shape[-1])
+    ]
+    problems = [volume_problem(data[..., index]) for index in range(data.shape[-1])]
+    return [f"{name}: {problem}" for name, problem in zip(named, problems, strict=True) if problem]
+
+
 def _read_voxels(image: nib.Nifti1Image, label: bool) -> tuple[str | None, set[int] | None]:
     """(problem, None) or (None, a segmentation's distinct values; None for an image) from a file's voxels, read
-    once: non-finite or all-zero images and fractional labels are problems, and so is a file that ends early."""
+    once: non-finite or all-zero images (each channel of a stacked one) and fractional labels are problems, and so
+    is a file that ends early."""
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as error:
         return f"unreadable ({type(error).__name__}: {error})", None
     if not label:
-        return volume_problem(data), None
+        return ("; ".join(channel_problems(data)) or None) if data.ndim == 4 else volume_problem(data), None
     problem = _fraction_problem(data)
     return problem, None if problem else label_values(data)
 
 
 def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) -> tuple[list[str], set[int] | None]:
-    """(problems of a case from ``case_files``, each "case: file: reason", the distinct values of its
-    segmentation or None when there is none or it was not read), all but the label scheme's check: a dataset's
+    """(problems of a case from ``case_files`` or ``stacked_case``, each "case: file: reason", the distinct values
+    of its segmentation or None when there is none or it was not read), all but the label scheme's check: a dataset's
     scheme may be told from the values of all its cases, so each file is read once, before it is known.
 
     Headers give presence, shape, affine and completeness cheaply; ``check_data`` also reads every volume once
@@ -272,9 +303,10 @@ def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) 
     """
     reference: tuple[str, nib.Nifti1Image] | None = None
     problems, values = [], None
+    stacked = bool(case.get("stacked"))
     for path in [*case["image"], *([case["label"]] if case["label"] else [])]:
         is_label = path == case["label"]
-        image, problem = _open_volume(path)
+        image, problem = _open_volume(path, stacked=stacked and not is_label)
         if image is not None and reference is None:
             reference = (Path(path).name, image)
         elif image is not None:
@@ -328,6 +360,11 @@ class LoadCaseImaged(LoadImaged):
         for key in self.key_iterator(loaded):
             paths = [str(path) for path in ensure_tuple(data[key])]
             array = convert_to_numpy(loaded[key])
+            if len(paths) == 1 and key not in self.label_keys and array.ndim == 4:
+                # One stacked file: each channel is a modality.
+                channels_last = np.moveaxis(array, 0, -1) if self._loader.ensure_channel_first else array
+                problems += [f"{case_id_from_path(paths[0])}: {paths[0]}: {p}" for p in channel_problems(channels_last)]
+                continue
             volumes = [(paths[0], array)] if len(paths) == 1 else zip(paths, array, strict=True)
             for path, volume in volumes:
                 problem = volume_problem(volume, key in self.label_keys, self.label_scheme)

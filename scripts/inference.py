@@ -2,10 +2,10 @@
 
 `CasePredictor` runs a config's preprocessing, inferer and postprocessing case by case: a bad case
 (missing, truncated or mismatched files; NaN, Inf or all-zero volumes) is reported (case, file, reason)
-and skipped, every output is written atomically on exactly the grid and header of the case's t1c file,
-finished cases are skipped when a run is repeated, and what a killed run left half-written is removed. Under
-torchrun (configs/multi_gpu_inference.yaml) each process predicts every N-th case and the summary and exit status
-cover them all.
+and skipped, every output is written atomically on exactly the grid and header of the case's t1c file
+(or of its stacked 4-channel file, scripts.stack_modalities), finished cases are skipped when a run is
+repeated, and what a killed run left half-written is removed. Under torchrun (configs/multi_gpu_inference.yaml)
+each process predicts every N-th case and the summary and exit status cover them all.
 `EnsembleInferer` averages sigmoid probabilities over checkpoints and mirrored inputs.
 """
 
@@ -29,7 +29,14 @@ from monai.utils import convert_to_numpy
 from tqdm import tqdm
 
 from scripts.atomic import atomic_output, remove_stale_temporaries, write_text_atomic
-from scripts.cases import case_files, case_id_from_path, check_case, survey_folders
+from scripts.cases import (
+    case_files,
+    case_id_from_path,
+    check_case,
+    stacked_case,
+    stacked_case_files,
+    survey_folders,
+)
 from scripts.errors import InputError, problem_lines
 from scripts.prepare_datalist import load_json
 from scripts.resources import peak_memory
@@ -38,16 +45,18 @@ logger = logging.getLogger(__name__)
 
 
 def cases_in_folder(dataset_dir: str | Path) -> list[dict]:
-    """Every case folder under `dataset_dir` (BraTS layout), as {"case", "image"} dicts; InputError when there is
-    none, listing why each folder found is not a case."""
+    """Every case folder under `dataset_dir` (BraTS layout) and every stacked case file directly in it, as
+    {"case", "image"} dicts; InputError when there is none, listing why each folder found is not a case."""
     case_dirs, folder_problems = survey_folders(dataset_dir)
-    if not case_dirs:
-        raise InputError(
-            [f"no cases in {dataset_dir}: expected <case>/<case>-t1c.nii.gz, -t1n, -t2f, -t2w", *folder_problems]
-        )
+    stacked = stacked_case_files(dataset_dir)
+    if not case_dirs and not stacked:
+        expected = "<case>/<case>-t1c.nii.gz, -t1n, -t2f, -t2w, or <case>.nii.gz with these four as channels"
+        raise InputError([f"no cases in {dataset_dir}: expected {expected}", *folder_problems])
     for problem in folder_problems:
         logger.warning(f"not a case, left out: {problem}")
-    return [{"case": case["case"], "image": case["image"]} for case in map(case_files, case_dirs)]
+    return [{"case": case["case"], "image": case["image"]} for case in map(case_files, case_dirs)] + [
+        {"case": case["case"], "image": case["image"], "stacked": True} for case in map(stacked_case, stacked)
+    ]
 
 
 def cases_in_datalist(datalist: str | Path, dataset_dir: str | Path, key: str = "testing") -> list[dict]:
@@ -63,11 +72,11 @@ def cases_in_datalist(datalist: str | Path, dataset_dir: str | Path, key: str = 
 
 
 def write_label_like(label: np.ndarray, reference: str | Path, output: str | Path) -> None:
-    """Write a uint8 label map with the reference volume's shape, affine, qform and sform, atomically:
-    the file appears complete under its final name or not at all."""
+    """Write a uint8 label map with the reference volume's shape (the spatial shape of a stacked one), affine, qform
+    and sform, atomically: the file appears complete under its final name or not at all."""
     reference_image = nib.load(reference)
-    if label.shape != reference_image.shape:
-        raise ValueError(f"label shape {label.shape} differs from {reference} {reference_image.shape}")
+    if label.shape != reference_image.shape[:3]:
+        raise ValueError(f"label shape {label.shape} differs from {reference} {reference_image.shape[:3]}")
     header = reference_image.header.copy()
     header.set_data_dtype(np.uint8)
     image = nib.Nifti1Image(label.astype(np.uint8), reference_image.affine, header)

@@ -3,21 +3,36 @@
 Applied on the input's own grid after inversion: small components are removed per region channel
 (the label scheme's network regions), then regions become the scheme's label map, then the 2023
 BraTS-PED winner's rule turns a tiny enhancing tumour into the scheme's non-enhancing label.
+
+Everything here needs only MONAI, NumPy and SciPy, which MONAI Label installs too: it runs the inference config as it
+is and installs none of the bundle's other packages (components are labelled with SciPy, not cc3d, for that reason;
+MONAI's RemoveSmallObjects would need scikit-image, which the bundle does not declare).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import cc3d
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
+from scipy import ndimage
 
 from scripts.labels import DEFAULT_SCHEME, get_scheme
+
+_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def without_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """A 3D boolean mask without its 26-connected components of fewer than `min_voxels` voxels."""
+    components, _ = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    sizes = np.bincount(components.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False  # background
+    return keep[components]
 
 
 class RemoveSmallComponentsd(MapTransform):
@@ -51,7 +66,7 @@ class RemoveSmallComponentsd(MapTransform):
             regions = convert_to_numpy(d[key]) > 0
             kept = np.stack(
                 [
-                    cc3d.dust(channel, threshold=size, connectivity=26) if size else channel
+                    without_small_components(channel, size) if size else channel
                     for channel, size in zip(regions, self.min_voxels, strict=True)
                 ]
             )

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 
+from scripts.checkpoints import load_network_weights
 from scripts.prepare_datalist import make_datalist, write_json_atomic
 from scripts.synthetic import generate_dataset
 
@@ -91,6 +92,23 @@ def tiny_swin_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_swin") / "model.pt"
     torch.save(network.state_dict(), path)
     return path
+
+
+# One sliding window of sw_batch_size 1 at the tiny roi: exported models have fixed shapes.
+EXPORT_INPUT_SHAPE = [1, 4, 64, 64, 64]
+EXPORT_TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@pytest.fixture(scope="session")
+def export_reference(tiny_swin_checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of the PyTorch network that inference.yaml defines, with the tiny checkpoint."""
+    parser = ConfigParser()
+    parser.read_config(INFERENCE_CONFIG)
+    parser["feature_size"] = TINY_FEATURE_SIZE
+    network = load_network_weights(parser.get_parsed_content("network_def"), tiny_swin_checkpoint).eval()
+    image = torch.rand(EXPORT_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return image, network(image)
 
 
 def process_tree(pid: int) -> list[int]:
