@@ -1,6 +1,7 @@
 """Models side by side on the same held-out cases, from what their training and evaluation runs wrote.
 
 python -m scripts.compare_models RUN_DIR [RUN_DIR ...] [--names "['Swin UNETR', '2D U-Net']"] [--output FILE.md]
+    [--evaluation evaluation]
 
 A RUN_DIR is a training output folder (``models/fold0``, ``models/unet2d/fold0``, ...) after the evaluation config
 ran on it: ``evaluation/summary.json`` (scores), ``evaluation/inference.json`` (seconds per case, peak RAM),
@@ -24,16 +25,22 @@ import torch
 from scripts.atomic import write_text_atomic
 from scripts.errors import InputError
 
-RUN_FILES = ("evaluation/summary.json", "evaluation/inference.json", "metrics.csv", "model.pt")
+# Buffers that a state dict holds beside the parameters (Swin UNETR's relative position indices are integers).
+NOT_PARAMETERS = ("running_mean", "running_var")
 
 
-def read_run(run_dir: Path) -> dict:
-    """The figures of one evaluated training run."""
-    summary = json.loads((run_dir / RUN_FILES[0]).read_text())
-    inference = json.loads((run_dir / RUN_FILES[1]).read_text())
-    with open(run_dir / RUN_FILES[2], newline="") as file:
+def run_files(evaluation: str) -> tuple[str, ...]:
+    return (f"{evaluation}/summary.json", f"{evaluation}/inference.json", "metrics.csv", "model.pt")
+
+
+def read_run(run_dir: Path, evaluation: str = "evaluation") -> dict:
+    """The figures of one evaluated training run, its scores from the folder `evaluation`."""
+    summary_file, inference_file, metrics_file, weights_file = run_files(evaluation)
+    summary = json.loads((run_dir / summary_file).read_text())
+    inference = json.loads((run_dir / inference_file).read_text())
+    with open(run_dir / metrics_file, newline="") as file:
         epochs = list(csv.DictReader(file))
-    weights = torch.load(run_dir / RUN_FILES[3], map_location="cpu", weights_only=True)
+    weights = torch.load(run_dir / weights_file, map_location="cpu", weights_only=True)
     return {
         "summary": summary,
         "dice": {
@@ -45,20 +52,24 @@ def read_run(run_dir: Path) -> dict:
         "training_ram_gb": max(float(row["peak_ram_gb"]) for row in epochs),
         "seconds_per_case": inference["seconds_per_case"],
         "inference_ram_gb": inference["peak_ram_gb"],
-        "parameters": sum(tensor.numel() for tensor in weights.values()),
+        "parameters": sum(
+            tensor.numel()
+            for name, tensor in weights.items()
+            if tensor.is_floating_point() and not name.endswith(NOT_PARAMETERS)
+        ),
     }
 
 
-def comparison_problems(run_dirs: list[Path]) -> list[str]:
+def comparison_problems(run_dirs: list[Path], evaluation: str) -> list[str]:
     problems = [
         f"{run_dir}: {name} is missing (train, then run the evaluation config on this run)"
         for run_dir in run_dirs
-        for name in RUN_FILES
+        for name in run_files(evaluation)
         if not (run_dir / name).is_file()
     ]
     if not problems:
         for run_dir in run_dirs:
-            with open(run_dir / RUN_FILES[2], newline="") as file:
+            with open(run_dir / "metrics.csv", newline="") as file:
                 if "seconds" not in (csv.DictReader(file).fieldnames or []):
                     problems.append(f"{run_dir}: metrics.csv has no seconds column (written by an older version)")
     return problems
@@ -87,20 +98,23 @@ def comparison_table(runs: dict[str, dict]) -> str:
 
 
 def compare_models(
-    run_dirs: Sequence[str | Path], names: Sequence[str] | None = None, output: str | Path | None = None
+    run_dirs: Sequence[str | Path],
+    names: Sequence[str] | None = None,
+    output: str | Path | None = None,
+    evaluation: str = "evaluation",
 ) -> str:
-    """The Markdown table of the evaluated training runs `run_dirs` (rows named `names`, default the folders), also
-    written to `output` if given."""
+    """The Markdown table of the evaluated training runs `run_dirs` (rows named `names`, default the folders), scored
+    in each run's folder `evaluation` (the evaluation config's `--evaluation_dir`), also written to `output`."""
     paths = [Path(run_dir) for run_dir in run_dirs]
     if not paths:
         raise InputError("name at least one training output folder, e.g. models/fold0 models/unet2d/fold0")
     names = [str(path) for path in paths] if names is None else list(names)
-    problems = comparison_problems(paths)
+    problems = comparison_problems(paths, evaluation)
     if len(names) != len(paths):
         problems.append(f"{len(names)} names for {len(paths)} runs")
     if problems:
         raise InputError(problems)
-    runs = {name: read_run(path) for name, path in zip(names, paths, strict=True)}
+    runs = {name: read_run(path, evaluation) for name, path in zip(names, paths, strict=True)}
     first = next(iter(runs.values()))["summary"]
     keys = ("num_cases", "challenge", "label_scheme")
     for name, run in runs.items():
@@ -115,10 +129,13 @@ def compare_models(
     return table
 
 
-def main(*run_dirs: str, names: Sequence[str] | None = None, output: str | None = None) -> None:
-    """Print the table of the evaluated training runs RUN_DIRS, rows named --names (and write it to --output)."""
+def main(
+    *run_dirs: str, names: Sequence[str] | None = None, output: str | None = None, evaluation: str = "evaluation"
+) -> None:
+    """Print the table of the evaluated training runs RUN_DIRS, rows named --names, scored in each run's folder
+    --evaluation (and write it to --output)."""
     try:
-        print(compare_models(run_dirs, names, output), end="")
+        print(compare_models(run_dirs, names, output, evaluation), end="")
     except InputError as error:
         for line in error.problems:
             print(f"error: {line}", file=sys.stderr)

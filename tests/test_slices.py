@@ -210,6 +210,13 @@ def test_compare_models_tables_each_runs_scores_time_size_and_memory(unet2d_fold
     (other_cases / "evaluation" / "summary.json").write_text(json.dumps(summary | {"num_cases": 7}))
     with pytest.raises(InputError, match="unlike the first run"):
         compare_models([output_dir, other_cases])
+    # Scores of another evaluation of the same run (e.g. with post-processing): --evaluation names its folder.
+    shutil.copytree(output_dir / "evaluation", other_cases / "evaluation_postprocessed")
+    rescored = json.loads(json.dumps(summary))
+    rescored["regions"]["ET"]["legacy_dice"]["mean"] = 0.125
+    (other_cases / "evaluation_postprocessed" / "summary.json").write_text(json.dumps(rescored))
+    row = compare_models([other_cases], evaluation="evaluation_postprocessed").splitlines()[2]
+    assert row.split("|")[2].strip() == f"0.125 / {et['lesionwise_dice']['mean']:.3f}"
 
 
 def test_make_demo_model_unet2d_layers_the_unet2d_config():
