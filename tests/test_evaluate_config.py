@@ -5,29 +5,36 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import nibabel as nib
 import numpy as np
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.evaluate import PER_CASE_COLUMNS
-from tests.conftest import TINY_TRAINING, TRAIN_CONFIG
+from tests.conftest import INFERENCE_CONFIG, TINY_TRAINING, TRAIN_CONFIG
 
 EVALUATE_CONFIG = TRAIN_CONFIG.replace("train.yaml", "evaluate.yaml")
 
 
-def test_evaluates_the_folds_validation_cases_on_their_own_grid(trained_fold, synthetic_dataset, synthetic_datalist):
-    train_workflow, output_dir = trained_fold
+def run_evaluation(dataset_dir, datalist, output_dir, **overrides) -> ConfigWorkflow:
+    """The evaluation config, layered on the tiny training settings, run on the fold trained into `output_dir`."""
     workflow = ConfigWorkflow(
         config_file=[TRAIN_CONFIG, EVALUATE_CONFIG],
         workflow_type="infer",
-        **TINY_TRAINING,
-        dataset_dir=str(synthetic_dataset),
-        datalist=str(synthetic_datalist),
+        **TINY_TRAINING | overrides,
+        dataset_dir=str(dataset_dir),
+        datalist=str(datalist),
         output_dir=str(output_dir),
     )
     workflow.initialize()
     workflow.run()
+    return workflow
+
+
+def test_evaluates_the_folds_validation_cases_on_their_own_grid(trained_fold, synthetic_dataset, synthetic_datalist):
+    train_workflow, output_dir = trained_fold
+    run_evaluation(synthetic_dataset, synthetic_datalist, output_dir)
 
     validation = train_workflow.parser.get_parsed_content("fold_split")[1]
     evaluation_dir = output_dir / "evaluation"
@@ -59,3 +66,39 @@ def test_evaluates_the_folds_validation_cases_on_their_own_grid(trained_fold, sy
         assert f"![{case['case']}](overlays/{case['case']}.png)" in report
         assert (evaluation_dir / "overlays" / f"{case['case']}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (evaluation_dir / "boxplots.png").is_file()
+
+
+def test_evaluation_predicts_exactly_what_inference_does(trained_fold, synthetic_dataset, synthetic_datalist, tmp_path):
+    """Cross-validation measures inference itself: the same pipeline definitions, and the same label maps for the same
+    checkpoint and quality options (mirror test-time augmentation, brain crop, post-processing)."""
+    train_workflow, output_dir = trained_fold
+    options = {"mirror_axes": [0, 1], "min_component_voxels": 5, "min_et_fraction": 0.1}
+    evaluation = run_evaluation(
+        synthetic_dataset, synthetic_datalist, output_dir, **options, evaluation_dir=str(tmp_path / "evaluation")
+    )
+
+    inference_config = ConfigParser.load_config_file(INFERENCE_CONFIG)
+    for pipeline_id in ("preprocessing", "inferer", "postprocessing", "networks"):
+        assert evaluation.parser.get(pipeline_id) == inference_config[pipeline_id], pipeline_id
+
+    validation = train_workflow.parser.get_parsed_content("fold_split")[1]
+    cases_dir = tmp_path / "cases"
+    cases_dir.mkdir()
+    for case in validation:
+        (cases_dir / case["case"]).symlink_to(os.path.dirname(case["image"][0]))
+    inference = ConfigWorkflow(
+        config_file=INFERENCE_CONFIG,
+        workflow_type="infer",
+        **{name: TINY_TRAINING[name] for name in ("spacing", "roi_size", "feature_size", "sw_batch_size")},
+        **options,
+        checkpoints=[str(output_dir / "model.pt")],
+        dataset_dir=str(cases_dir),
+        output_dir=str(tmp_path / "inference"),
+    )
+    inference.initialize()
+    inference.run()
+    for case in validation:
+        evaluated = nib.load(tmp_path / "evaluation" / "predictions" / f"{case['case']}.nii.gz")
+        inferred = nib.load(tmp_path / "inference" / f"{case['case']}.nii.gz")
+        np.testing.assert_array_equal(np.asanyarray(evaluated.dataobj), np.asanyarray(inferred.dataobj))
+        np.testing.assert_array_equal(evaluated.affine, inferred.affine)
