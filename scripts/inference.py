@@ -87,6 +87,26 @@ def write_label_like(label: np.ndarray, reference: str | Path, output: str | Pat
         nib.save(image, temporary)
 
 
+def write_probabilities(
+    probabilities: np.ndarray, regions: Sequence[str], reference: str | Path, output: str | Path
+) -> None:
+    """Save region probabilities (regions first, then the reference volume's grid) as float16 in a compressed
+    ``.npz`` (keys ``probabilities``, ``regions``, ``affine``: the reference's), atomically. NIfTI has no float16,
+    and nnU-Net saves its probabilities the same way, which eases ensembling with it."""
+    reference_image = nib.load(reference)
+    if probabilities.shape[1:] != reference_image.shape[:3]:
+        raise ValueError(
+            f"probabilities of shape {probabilities.shape[1:]} differ from {reference} {reference_image.shape[:3]}"
+        )
+    with atomic_output(output, suffix=".npz") as temporary, open(temporary, "wb") as file:
+        np.savez_compressed(
+            file,
+            probabilities=probabilities.astype(np.float16),
+            regions=np.array(list(regions)),
+            affine=reference_image.affine,
+        )
+
+
 class EnsembleInferer(Inferer):
     """Mean sigmoid probability of `inferer` over `networks` (or the network passed in) and over
     every combination of flips along `mirror_axes` (spatial axes 0-2), as nnU-Net's mirror TTA."""
@@ -127,6 +147,8 @@ class CasePredictor:
         overwrite: bool = False,
         amp: bool = False,
         summary_path: str | Path | None = None,
+        probabilities_dir: str | Path | None = None,
+        regions: Sequence[str] = (),
     ):
         self.cases = list(cases)
         self.preprocessing = preprocessing
@@ -138,19 +160,39 @@ class CasePredictor:
         self.overwrite = overwrite
         self.amp = amp and self.device.type == "cuda"
         self.summary_path = Path(summary_path) if summary_path is not None else None
+        self.probabilities_dir = Path(probabilities_dir) if probabilities_dir is not None else None
+        self.regions = list(regions)
 
     def output_path(self, case: dict) -> Path:
         return self.output_dir / f"{case['case']}.nii.gz"
 
-    def predict(self, case: dict) -> np.ndarray:
-        """The post-processed label map of one case, on the grid of its input files."""
+    def probabilities_path(self, case: dict) -> Path | None:
+        return self.probabilities_dir / f"{case['case']}.npz" if self.probabilities_dir is not None else None
+
+    def is_done(self, case: dict) -> bool:
+        probabilities = self.probabilities_path(case)
+        return self.output_path(case).exists() and (probabilities is None or probabilities.exists())
+
+    def predict(self, case: dict) -> dict:
+        """The post-processing's output for one case: ``pred``, the label map on the grid of its input files, and
+        ``probabilities`` (the regions' probabilities there) when the post-processing keeps them."""
         data = self.preprocessing({"image": case["image"]})
         autocast = torch.autocast("cuda") if self.amp else nullcontext()
         with torch.no_grad(), autocast:
             pred = self.inferer(data["image"][None].to(self.device), self.network)
         data["pred"] = pred[0].float().cpu()
-        data = self.postprocessing(data)
-        return convert_to_numpy(data["pred"])[0]
+        return self.postprocessing(data)
+
+    def write(self, case: dict, prediction: dict) -> None:
+        """The label map, and the probabilities if asked for, each atomically; the label map last, since a case
+        counts as done once it exists."""
+        reference = case["image"][0]
+        probabilities = self.probabilities_path(case)
+        if probabilities is not None:
+            if "probabilities" not in prediction:
+                raise InputError("probabilities_dir is set, but the post-processing keeps no 'probabilities'")
+            write_probabilities(convert_to_numpy(prediction["probabilities"]), self.regions, reference, probabilities)
+        write_label_like(convert_to_numpy(prediction["pred"])[0], reference, self.output_path(case))
 
     def run(self) -> dict:
         """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed.
@@ -163,7 +205,7 @@ class CasePredictor:
             logger.warning(f"removed {path.name}, left by an interrupted run")
         rank, world = idist.get_rank(), idist.get_world_size()
         share = self.cases[rank::world]
-        pending = [case for case in share if self.overwrite or not self.output_path(case).exists()]
+        pending = [case for case in share if self.overwrite or not self.is_done(case)]
         failures: list[str] = []
         seconds: list[float] = []
         for case in tqdm(pending, desc="cases", unit="case", disable=rank > 0):
@@ -172,7 +214,7 @@ class CasePredictor:
             problems = check_case({**case, "label": None}, check_data=False)
             if not problems:
                 try:
-                    write_label_like(self.predict(case), case["image"][0], self.output_path(case))
+                    self.write(case, self.predict(case))
                 except Exception as error:  # one bad case must not stop the batch
                     problems = [
                         line if line.startswith(f"{case['case']}: ") else f"{case['case']}: {line}"

@@ -29,6 +29,7 @@ from scripts.checkpoints import load_network_weights
 from scripts.errors import InputError
 from scripts.evaluate import evaluate_folders
 from scripts.inference import EnsembleInferer, cases_in_folder, write_label_like
+from scripts.labels import get_scheme
 from scripts.postprocess import MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
 from scripts.synthetic import make_case
 from tests.conftest import (
@@ -284,6 +285,36 @@ def test_rerun_skips_written_cases_unless_overwrite(geometry_dataset, brats_data
     assert (summary["written"], summary["skipped_existing"]) == (1, 0)
     assert output.stat().st_mtime_ns != 10**18
     np.testing.assert_array_equal(label_data(output), labels)
+
+
+def test_probabilities_are_saved_on_the_input_grid_beside_the_label_map(brats_dataset, detector_checkpoint, tmp_path):
+    predictions, probabilities_dir = tmp_path / "predictions", tmp_path / "probabilities"
+    run_inference(predictions, [detector_checkpoint], dataset_dir=str(brats_dataset))
+    assert not probabilities_dir.exists()  # only when asked for
+
+    summary = run_inference(
+        predictions, [detector_checkpoint], dataset_dir=str(brats_dataset), probabilities_dir=str(probabilities_dir)
+    )
+    assert summary["written"] == 1  # the label map was there, its probabilities were not: the case is redone
+    case = CASES["brats"]
+    saved = np.load(probabilities_dir / f"{case}.npz")
+    reference = nib.load(brats_dataset / case / case_file_name(case, "t1c"))
+    probabilities = saved["probabilities"]
+    assert probabilities.dtype == np.float16 and probabilities.shape == (3, *reference.shape)
+    assert list(saved["regions"]) == ["TC", "WT", "ET"]
+    np.testing.assert_array_equal(saved["affine"], reference.affine)
+    assert 0 <= probabilities.min() and probabilities.max() <= 1 and 0 < probabilities.mean() < 1
+    # Thresholded as the post-processing does, they give the label map written beside them (except where float16
+    # rounding may have moved a probability across 0.5).
+    labels = get_scheme("brats2023_ped").regions_to_labels(probabilities.astype(np.float32) >= 0.5)[0]
+    decided = (np.abs(probabilities.astype(np.float32) - 0.5) > 1e-3).all(axis=0)
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal(labels[decided], label_data(predictions / f"{case}.nii.gz")[decided])
+
+    summary = run_inference(
+        predictions, [detector_checkpoint], dataset_dir=str(brats_dataset), probabilities_dir=str(probabilities_dir)
+    )
+    assert (summary["written"], summary["skipped_existing"]) == (0, 1)
 
 
 def test_crop_to_brain_off_gives_the_same_grid_and_labels(
