@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 from monai.utils import convert_to_numpy
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scripts.atomic import atomic_output, remove_stale_temporaries, write_text_atomic
@@ -107,6 +108,31 @@ def write_probabilities(
         )
 
 
+def case_problem_lines(case: dict, error: BaseException) -> list[str]:
+    """The problem lines of `error`, each starting with the case id."""
+    return [
+        line if line.startswith(f"{case['case']}: ") else f"{case['case']}: {line}" for line in problem_lines(error)
+    ]
+
+
+class _Prepared(Dataset):
+    """The cases, each as `prepare` gives it, for a DataLoader's workers."""
+
+    def __init__(self, cases: list[dict], prepare: Callable):
+        self.cases = cases
+        self.prepare = prepare
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> tuple[dict, dict | None, list[str]]:
+        return self.prepare(self.cases[index])
+
+
+def _as_is(item):
+    return item
+
+
 class EnsembleInferer(Inferer):
     """Mean sigmoid probability of `inferer` over `networks` (or the network passed in) and over
     every combination of flips along `mirror_axes` (spatial axes 0-2), as nnU-Net's mirror TTA."""
@@ -149,6 +175,7 @@ class CasePredictor:
         summary_path: str | Path | None = None,
         probabilities_dir: str | Path | None = None,
         regions: Sequence[str] = (),
+        num_workers: int = 0,
     ):
         self.cases = list(cases)
         self.preprocessing = preprocessing
@@ -162,6 +189,7 @@ class CasePredictor:
         self.summary_path = Path(summary_path) if summary_path is not None else None
         self.probabilities_dir = Path(probabilities_dir) if probabilities_dir is not None else None
         self.regions = list(regions)
+        self.num_workers = num_workers
 
     def output_path(self, case: dict) -> Path:
         return self.output_dir / f"{case['case']}.nii.gz"
@@ -173,10 +201,34 @@ class CasePredictor:
         probabilities = self.probabilities_path(case)
         return self.output_path(case).exists() and (probabilities is None or probabilities.exists())
 
-    def predict(self, case: dict) -> dict:
-        """The post-processing's output for one case: ``pred``, the label map on the grid of its input files, and
-        ``probabilities`` (the regions' probabilities there) when the post-processing keeps them."""
-        data = self.preprocessing({"image": case["image"]})
+    def prepare(self, case: dict) -> tuple[dict, dict | None, list[str]]:
+        """(case, its preprocessed data or None, its problems): the headers checked, then the voxels as the
+        preprocessing loads them (LoadCaseImaged). Never raises, so that a bad case cannot stop a loader worker."""
+        problems = check_case({**case, "label": None}, check_data=False)
+        if problems:
+            return case, None, problems
+        try:
+            return case, self.preprocessing({"image": case["image"]}), []
+        except Exception as error:
+            return case, None, case_problem_lines(case, error)
+
+    def prepared(self, cases: list[dict]) -> Iterable[tuple[dict, dict | None, list[str]]]:
+        """`prepare` of each case in order; with `num_workers`, worker processes read and preprocess the next cases
+        while the network runs on this one, so that a GPU does not wait for NIfTI decompression."""
+        if not self.num_workers:
+            return map(self.prepare, cases)
+        # batch_size None: one case at a time, as prepared (no collation); one case ahead per worker bounds RAM.
+        return DataLoader(
+            _Prepared(cases, self.prepare),
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=self.num_workers,
+            prefetch_factor=1,
+        )
+
+    def predict(self, data: dict) -> dict:
+        """The post-processing's output for one preprocessed case: ``pred``, the label map on the grid of its input
+        files, and ``probabilities`` (the regions' probabilities there) when the post-processing keeps them."""
         autocast = torch.autocast("cuda") if self.amp else nullcontext()
         with torch.no_grad(), autocast:
             pred = self.inferer(data["image"][None].to(self.device), self.network)
@@ -208,20 +260,18 @@ class CasePredictor:
         pending = [case for case in share if self.overwrite or not self.is_done(case)]
         failures: list[str] = []
         seconds: list[float] = []
-        for case in tqdm(pending, desc="cases", unit="case", disable=rank > 0):
-            start = time.perf_counter()
-            # Headers only: the voxels are checked as preprocessing loads them (LoadCaseImaged).
-            problems = check_case({**case, "label": None}, check_data=False)
+        last = time.perf_counter()
+        prepared = self.prepared(pending)
+        for case, data, problems in tqdm(prepared, total=len(pending), desc="cases", unit="case", disable=rank > 0):
             if not problems:
                 try:
-                    self.write(case, self.predict(case))
+                    self.write(case, self.predict(data))
                 except Exception as error:  # one bad case must not stop the batch
-                    problems = [
-                        line if line.startswith(f"{case['case']}: ") else f"{case['case']}: {line}"
-                        for line in problem_lines(error)
-                    ]
-            if not problems:
-                seconds.append(time.perf_counter() - start)
+                    problems = case_problem_lines(case, error)
+            now = time.perf_counter()
+            if not problems:  # from the previous case to this one: with workers, what waiting for data costs too
+                seconds.append(now - last)
+            last = now
             for problem in problems:
                 logger.error(problem)
             failures += problems

@@ -227,7 +227,9 @@ def test_testing_list_of_a_datalist_with_a_swin_unetr_checkpoint(geometry_datase
     assert_label_map_on_grid_of(output_dir / f"{CASES['brats']}.nii.gz", cases["brats"][0])
 
 
-def test_bad_cases_are_reported_and_skipped(source_case, detector_checkpoint, tmp_path, caplog):
+# With workers, cases are read and preprocessed in other processes while the network runs: the same outcomes.
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_cases_are_reported_and_skipped(num_workers, source_case, detector_checkpoint, tmp_path, caplog):
     images, _, affine = source_case
     volumes = {m: nifti(images[m], affine) for m in MODALITIES}
     data = tmp_path / "data"
@@ -251,7 +253,7 @@ def test_bad_cases_are_reported_and_skipped(source_case, detector_checkpoint, tm
         "BraTS-PED-00206-000": (zero_case / case_file_name("BraTS-PED-00206-000", "t1n"), "all voxels are zero"),
     }
     output_dir = tmp_path / "predictions"
-    workflow = inference_workflow(output_dir, [detector_checkpoint], dataset_dir=str(data))
+    workflow = inference_workflow(output_dir, [detector_checkpoint], dataset_dir=str(data), num_workers=num_workers)
     logger = logging.getLogger("scripts.inference")
     logger.addHandler(caplog.handler)  # the config's logging setup replaces the root handlers
     try:
@@ -269,6 +271,19 @@ def test_bad_cases_are_reported_and_skipped(source_case, detector_checkpoint, tm
     assert "1 written, 0 already present (skipped), 5 failed" in caplog.text
     assert os.listdir(output_dir) == [f"{good}.nii.gz"]  # nothing partial or temporary
     assert_label_map_on_grid_of(output_dir / f"{good}.nii.gz", data / good / case_file_name(good, "t1c"))
+
+
+def test_worker_processes_predict_what_the_main_process_does(geometry_dataset, detector_checkpoint, tmp_path):
+    dataset_dir, _ = geometry_dataset
+    summaries = {
+        workers: run_inference(
+            tmp_path / str(workers), [detector_checkpoint], dataset_dir=str(dataset_dir), num_workers=workers
+        )
+        for workers in (0, 2)
+    }
+    assert summaries[0]["written"] == summaries[2]["written"] == len(os.listdir(tmp_path / "0")) > 1
+    for name in os.listdir(tmp_path / "0"):
+        np.testing.assert_array_equal(label_data(tmp_path / "2" / name), label_data(tmp_path / "0" / name))
 
 
 def test_rerun_skips_written_cases_unless_overwrite(geometry_dataset, brats_dataset, detector_checkpoint, tmp_path):
