@@ -33,7 +33,7 @@ class SliceWise(torch.nn.Module):
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width, depth = volume.shape
-        width_of_stack = 2 * self.context + 1
+        stack_size = 2 * self.context + 1
         if self.context:
             # F.pad's replicate mode pads every spatial axis of a 5D tensor at once; only depth is padded here.
             first, last = volume[..., :1], volume[..., -1:]
@@ -41,9 +41,9 @@ class SliceWise(torch.nn.Module):
         outputs = []
         for start in range(0, depth, self.slices_per_pass):
             count = min(self.slices_per_pass, depth - start)
-            stacks = volume[..., start : start + count + 2 * self.context].unfold(-1, width_of_stack, 1)
+            stacks = volume[..., start : start + count + 2 * self.context].unfold(-1, stack_size, 1)
             # (B, C, H, W, count, stack) -> (B * count, C * stack, H, W)
-            stacks = stacks.permute(0, 4, 1, 5, 2, 3).reshape(batch * count, channels * width_of_stack, height, width)
+            stacks = stacks.permute(0, 4, 1, 5, 2, 3).reshape(batch * count, channels * stack_size, height, width)
             logits = self.network(stacks)
             outputs.append(logits.reshape(batch, count, -1, height, width))
         return torch.cat(outputs, dim=1).permute(0, 2, 3, 4, 1)
