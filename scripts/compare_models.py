@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import fire
 import torch
 
 from scripts.atomic import write_text_atomic
-from scripts.errors import InputError
+from scripts.errors import InputError, exit_on_input_error
 
 # Buffers that a state dict holds beside the parameters (Swin UNETR's relative position indices are integers).
 NOT_PARAMETERS = ("running_mean", "running_var")
@@ -134,12 +133,8 @@ def main(
 ) -> None:
     """Print the table of the evaluated training runs RUN_DIRS, rows named --names, scored in each run's folder
     --evaluation (and write it to --output)."""
-    try:
+    with exit_on_input_error():
         print(compare_models(run_dirs, names, output, evaluation), end="")
-    except InputError as error:
-        for line in error.problems:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

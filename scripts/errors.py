@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 
 # Set to 1 (or pass `--debug True` to a config) to see the full traceback of a reported problem.
@@ -68,3 +69,15 @@ def report_briefly(debug: bool = False) -> None:
     Configs call this in `initialize`; with `debug` (or the environment variable) tracebacks stay as they are.
     """
     sys.excepthook = sys.__excepthook__ if debugging(debug) else _print_briefly
+
+
+@contextmanager
+def exit_on_input_error() -> Iterator[None]:
+    """For the body of a command-line `main`: an InputError prints its problem lines ("error: ...") on stderr and
+    exits with status 1."""
+    try:
+        yield
+    except InputError as error:
+        for line in error.problems:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)

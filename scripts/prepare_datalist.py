@@ -34,7 +34,7 @@ from scripts.cases import (
     survey_case,
     survey_folders,
 )
-from scripts.errors import InputError
+from scripts.errors import InputError, exit_on_input_error
 from scripts.labels import DEFAULT_SCHEME, SCHEMES, get_scheme
 
 # Reading a volume is mostly zlib decompression and numpy, which release the GIL: a few threads check
@@ -319,17 +319,14 @@ def main(
     not cases, are left out and reported on stderr; with --strict any problem stops the script and nothing is
     written). Segmentations are checked against --label_scheme (brats2023_ped, brats2024_ped, brats2021), or
     without it against the scheme their values tell, which is printed with the reason."""
-    try:
-        datalist, problems, reason = _build_datalist(dataset_dir, num_folds, seed, strict, label_scheme)
-    except DatasetError as error:
-        for line in error.problems:
-            print(line, file=sys.stderr)
-        print(f"--strict: {len(error.problems)} problem(s), nothing written to {output}", file=sys.stderr)
-        sys.exit(1)
-    except InputError as error:
-        for line in error.problems:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
+    with exit_on_input_error():
+        try:
+            datalist, problems, reason = _build_datalist(dataset_dir, num_folds, seed, strict, label_scheme)
+        except DatasetError as error:
+            for line in error.problems:
+                print(line, file=sys.stderr)
+            print(f"--strict: {len(error.problems)} problem(s), nothing written to {output}", file=sys.stderr)
+            sys.exit(1)
     for line in problems:
         print(line, file=sys.stderr)
     write_json_atomic(datalist, output)

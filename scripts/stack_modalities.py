@@ -19,7 +19,7 @@ import numpy as np
 
 from scripts.atomic import atomic_output, remove_stale_temporaries
 from scripts.cases import case_files, channel_problems, check_case, survey_folders
-from scripts.errors import InputError
+from scripts.errors import InputError, exit_on_input_error
 
 
 def stack_case(image_paths: list[str], output: str | Path) -> None:
@@ -77,12 +77,8 @@ def stack_dataset(dataset_dir: str | Path, output_dir: str | Path, overwrite: bo
 def main(dataset_dir: str, output_dir: str, overwrite: bool = False) -> None:
     """Stack the four modalities of every case under DATASET_DIR into OUTPUT_DIR/<case>.nii.gz (channels t1c, t1n,
     t2f, t2w; the t1c header kept); cases already there are skipped unless --overwrite."""
-    try:
+    with exit_on_input_error():
         summary = stack_dataset(dataset_dir, output_dir, overwrite)
-    except InputError as error:
-        for line in error.problems:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
     print(f"{summary['written']} written, {summary['skipped_existing']} already present, in {output_dir}")
 
 

@@ -18,7 +18,6 @@ import csv
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import fire
 import numpy as np
 
 from scripts.atomic import write_text_atomic
-from scripts.errors import InputError
+from scripts.errors import InputError, exit_on_input_error
 from scripts.evaluate import (
     PER_CASE_COLUMNS,
     PER_CASE_FILE,
@@ -270,12 +269,8 @@ def _markdown(cv_summary: dict, folds: list[FoldEvaluation], output_dir: Path) -
 def main(models_dir: str = "models", output_dir: str | None = None) -> None:
     """Gather every evaluated fold under --models_dir (fold*/evaluation/metrics_per_case.csv, also one or two folders
     down) into cv_summary.csv, cv_summary.md and cv_summary.png in --output_dir (default: --models_dir)."""
-    try:
+    with exit_on_input_error():
         cv_summary = summarize_folds(str(models_dir), output_dir)
-    except InputError as error:
-        for line in error.problems:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
     destination = Path(output_dir if output_dir is not None else models_dir)
     print(f"{len(cv_summary['folds'])} fold(s), {cv_summary['num_cases']} case(s), labels {cv_summary['label_scheme']}")
     print(f"{'region':<8}{'lesion-wise Dice':>19}{'legacy Dice':>14}")

@@ -15,7 +15,6 @@ written to ``--output``, by default ``<case>.png`` in the current folder (never 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from scipy import ndimage
 
 from scripts.atomic import atomic_output
 from scripts.cases import MODALITIES, case_files, check_case, volume_problem
-from scripts.errors import InputError
+from scripts.errors import InputError, exit_on_input_error
 from scripts.labels import DEFAULT_SCHEME, LabelScheme, get_scheme
 
 # RGB per label abbreviation, shared by every scheme; core tissues warm, fluid and edema cool.
@@ -230,12 +229,8 @@ def main(
     (if it has a -seg file) and --prediction (a label map on the case's grid) over --background (t1c, or t2f for
     FLAIR), with the labels of --label_scheme (brats2023_ped, brats2024_ped, brats2021); written to --output
     (default: <case>.png in the current folder)."""
-    try:
+    with exit_on_input_error():
         path = save_case_overlay(str(case), output, prediction, label_scheme, background)
-    except InputError as error:
-        for line in error.problems:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(1)
     print(f"wrote {path}")
 
 
