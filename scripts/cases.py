@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +165,19 @@ def _listed(values: list) -> str:
     return f"[{shown}]" + (f" and {more} more" if more > 0 else "")
 
 
-def label_values(data: np.ndarray) -> set[int]:
-    """Distinct values of a label volume of whole numbers; counting is much faster than sorting for small ones."""
+def label_counts(data: np.ndarray) -> dict[int, int]:
+    """{value: number of voxels} of a label volume of whole numbers, for the values present; counting is much
+    faster than sorting for small ones."""
     if data.size and data.min() >= 0 and data.max() < 2**16:
-        return set(np.flatnonzero(np.bincount(data.ravel(order="K").astype(np.intp, copy=False))).tolist())
-    return {int(value) for value in np.unique(data)}
+        counts = np.bincount(data.ravel(order="K").astype(np.intp, copy=False))
+        return {int(value): int(counts[value]) for value in np.flatnonzero(counts)}
+    values, counts = np.unique(data, return_counts=True)
+    return {int(value): int(count) for value, count in zip(values, counts, strict=True)}
+
+
+def label_values(data: np.ndarray) -> set[int]:
+    """Distinct values of a label volume of whole numbers."""
+    return set(label_counts(data))
 
 
 def schemes_fitting(values: set[int]) -> list[str]:
@@ -279,8 +287,8 @@ def channel_problems(data: np.ndarray) -> list[str]:
     return [f"{name}: {problem}" for name, problem in zip(named, problems, strict=True) if problem]
 
 
-def _read_voxels(image: nib.Nifti1Image, label: bool) -> tuple[str | None, set[int] | None]:
-    """(problem, None) or (None, a segmentation's distinct values; None for an image) from a file's voxels, read
+def _read_voxels(image: nib.Nifti1Image, label: bool) -> tuple[str | None, dict[int, int] | None]:
+    """(problem, None) or (None, a segmentation's voxels per value; None for an image) from a file's voxels, read
     once: non-finite or all-zero images (each channel of a stacked one) and fractional labels are problems, and so
     is a file that ends early."""
     try:
@@ -290,13 +298,16 @@ def _read_voxels(image: nib.Nifti1Image, label: bool) -> tuple[str | None, set[i
     if not label:
         return ("; ".join(channel_problems(data)) or None) if data.ndim == 4 else volume_problem(data), None
     problem = _fraction_problem(data)
-    return problem, None if problem else label_values(data)
+    return problem, None if problem else label_counts(data)
 
 
-def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) -> tuple[list[str], set[int] | None]:
-    """(problems of a case from ``case_files`` or ``stacked_case``, each "case: file: reason", the distinct values
-    of its segmentation or None when there is none or it was not read), all but the label scheme's check: a dataset's
-    scheme may be told from the values of all its cases, so each file is read once, before it is known.
+def survey_case(
+    case: dict, check_labels: bool = True, check_data: bool = True
+) -> tuple[list[str], dict[int, int] | None]:
+    """(problems of a case from ``case_files`` or ``stacked_case``, each "case: file: reason", the voxels per value
+    of its segmentation, ``label_counts``, or None when there is none or it was not read), all but the label scheme's
+    check: a dataset's scheme may be told from the values of all its cases, so each file is read once, before it is
+    known (and the counts serve for stratified folds).
 
     Headers give presence, shape, affine and completeness cheaply; ``check_data`` also reads every volume once
     for non-finite or all-zero images and, with ``check_labels``, whole-number label values.
@@ -320,10 +331,10 @@ def survey_case(case: dict, check_labels: bool = True, check_data: bool = True) 
     return problems, values
 
 
-def scheme_problems(case: dict, values: set[int] | None, label_scheme: str | LabelScheme) -> list[str]:
+def scheme_problems(case: dict, values: Collection[int] | None, label_scheme: str | LabelScheme) -> list[str]:
     """The "case: seg file: reason" line of a case whose segmentation values (from ``survey_case``) fall outside
     `label_scheme`, or nothing."""
-    problem = None if values is None else label_scheme_problem(values, label_scheme)
+    problem = None if values is None else label_scheme_problem(set(values), label_scheme)
     return [f"{case['case']}: {case['label']}: {problem}"] if problem else []
 
 

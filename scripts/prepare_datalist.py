@@ -1,9 +1,10 @@
 """Scan a BraTS-PEDs dataset, check every case and write a JSON datalist with cross-validation folds.
 
-The datalist is the file the training config reads (``fold_split``): training cases (with seg) carry
-a fold number, validation-challenge cases (without seg) are listed under "testing", and "label_scheme"
-names the labels the segmentations were checked against (given, or told from their values by
-``detect_label_scheme``). Paths are stored relative to the dataset folder so the file survives moving
+The datalist is the file the training config reads (``fold_split``): training cases (with seg) carry a fold
+number (folds stratified by ET present or not and whole-tumour volume tertile, ``assign_folds``) and, to inspect
+the folds, "has_et" and "tumour_voxels" (WT voxels); validation-challenge cases (without seg) are listed under
+"testing"; and "label_scheme" names the labels the segmentations were checked against (given, or told from their
+values by ``detect_label_scheme``). Paths are stored relative to the dataset folder so the file survives moving
 the data. The case layout and the checks of a case are ``scripts.cases``.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,13 +36,16 @@ from scripts.cases import (
     survey_folders,
 )
 from scripts.errors import InputError, exit_on_input_error
-from scripts.labels import DEFAULT_SCHEME, SCHEMES, get_scheme
+from scripts.labels import DEFAULT_SCHEME, SCHEMES, LabelScheme, get_scheme
 
 # Reading a volume is mostly zlib decompression and numpy, which release the GIL: a few threads check
 # several cases at once, and more would only compete for the disk.
 SCAN_THREADS = min(8, os.cpu_count() or 1)
 # Datalists written before they recorded a label scheme were all checked against the BraTS 2023 labels.
 UNRECORDED_SCHEME = "brats2023_ped"
+# Folds are stratified by ET present or not (a model's ET scores hinge on the ET-free cases, which score 1 or 0)
+# and by whole-tumour volume tertile (small tumours are harder), so that folds are alike and their scores comparable.
+TERTILES = 3
 _EXAMPLES = 3
 
 
@@ -53,15 +57,54 @@ class LabelSchemeError(InputError):
     """The label values of a dataset do not tell its label scheme: --label_scheme has to name it."""
 
 
-def assign_folds(case_ids: list[str], num_folds: int, seed: int) -> dict[str, int]:
-    """Balanced folds (sizes differ by at most 1): sorted ids shuffled by ``seed``, dealt round-robin."""
+def volume_tertiles(tumour_voxels: Mapping[str, int]) -> dict[str, int]:
+    """Tertile of each case's whole-tumour volume (0 the smallest third, 2 the largest), by rank over the cases
+    given, ties broken by case id, so that each tertile holds a third of the cases to within one whatever the ties."""
+    ranked = sorted(tumour_voxels, key=lambda case: (tumour_voxels[case], case))
+    return {case: rank * TERTILES // len(ranked) for rank, case in enumerate(ranked)}
+
+
+def assign_folds(
+    case_ids: Sequence[str], num_folds: int, seed: int, strata: Mapping[str, tuple] | None = None
+) -> dict[str, int]:
+    """Folds whose sizes differ by at most 1 and that share each stratum of ``strata`` (case id -> a sortable key,
+    e.g. (has ET, volume tertile)) alike, the same for a seed whatever the order of ``case_ids``.
+
+    The cases are lined up stratum by stratum (keys sorted), each stratum's sorted ids shuffled by ``seed``, and
+    dealt round-robin along the whole line: a stratum takes a run of consecutive places, so every fold gets its
+    count to within one however small the stratum, and so does a run of strata sharing a first key (all ET-free
+    cases). Without ``strata`` all cases are one stratum.
+    """
     if not 2 <= num_folds <= len(case_ids):
         raise InputError(
             f"num_folds must be between 2 and the number of training cases ({len(case_ids)}), got {num_folds}"
         )
-    order = np.random.default_rng(seed).permutation(len(case_ids))
-    ids = sorted(case_ids)
-    return {ids[index]: position % num_folds for position, index in enumerate(order)}
+    rng = np.random.default_rng(seed)
+    groups: dict[tuple, list[str]] = {}
+    for case in sorted(case_ids):
+        groups.setdefault(strata[case] if strata else (), []).append(case)
+    line = [case for key in sorted(groups) for case in rng.permutation(groups[key]).tolist()]
+    return {case: position % num_folds for position, case in enumerate(line)}
+
+
+def fold_table(training: Sequence[Mapping], num_folds: int) -> list[str]:
+    """Lines of a table of the folds of datalist training entries: cases, ET-free cases and cases per whole-tumour
+    volume tertile, headed by the tertile's range of voxels (entries of older datalists, without "has_et" and
+    "tumour_voxels", count as cases only)."""
+    recorded = {entry["label"]: entry for entry in training if "has_et" in entry and "tumour_voxels" in entry}
+    tertiles = volume_tertiles({label: int(entry["tumour_voxels"]) for label, entry in recorded.items()})
+    counts = np.zeros((num_folds, 2 + TERTILES), dtype=int)
+    ranges: list[list[int]] = [[] for _ in range(TERTILES)]
+    for entry in training:
+        counts[int(entry["fold"]), 0] += 1
+    for label, entry in recorded.items():
+        counts[int(entry["fold"]), 1] += not entry["has_et"]
+        counts[int(entry["fold"]), 2 + tertiles[label]] += 1
+        ranges[tertiles[label]].append(int(entry["tumour_voxels"]))
+    header = ["fold", "cases", "ET-free", *(f"WT {min(r)}-{max(r)}" if r else "WT -" for r in ranges)]
+    rows = [header, *([str(fold), *map(str, row)] for fold, row in enumerate(counts.tolist()))]
+    widths = [max(map(len, column)) for column in zip(*rows, strict=True)]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
 
 
 def _in_training_folder(case_dir: Path) -> bool:
@@ -69,9 +112,10 @@ def _in_training_folder(case_dir: Path) -> bool:
     return "training" in case_dir.parent.name.lower()
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[dict, list[str], set[int] | None]]]:
+def _scan(root: Path) -> tuple[list[str], list[tuple[dict, list[str], dict[int, int] | None]]]:
     """(problem lines of the folders and other cohorts' cases left out, and every pediatric case from
-    ``case_files`` with its problem lines and segmentation values from ``survey_case``), in folder order."""
+    ``case_files`` with its problem lines and segmentation voxels per value from ``survey_case``), in folder
+    order."""
     case_dirs, problems = survey_folders(root)
     if not case_dirs:
         raise InputError(
@@ -182,6 +226,11 @@ def detect_label_scheme(seg_values: Mapping[str, set[int]]) -> tuple[str, str]:
     raise _mixture_error(seg_values, found)
 
 
+def _region_voxels(counts: Mapping[int, int], scheme: LabelScheme, region: str) -> int:
+    """Voxels of `region` in a segmentation of `scheme` from its voxels per value."""
+    return sum(counts.get(value, 0) for value in scheme.regions[region])
+
+
 def _build_datalist(
     dataset_dir: str | Path, num_folds: int, seed: int, strict: bool, label_scheme: str | None
 ) -> tuple[dict, list[str], str]:
@@ -192,22 +241,28 @@ def _build_datalist(
     problems, checked = _scan(root)
     if label_scheme is None:
         label_scheme, reason = detect_label_scheme(
-            {case["label"]: values for case, _, values in checked if values is not None}
+            {case["label"]: set(counts) for case, _, counts in checked if counts is not None}
         )
-    cases = []
-    for case, case_problems, values in checked:
-        case_problems += scheme_problems(case, values, label_scheme)
+    cases, voxels = [], {}
+    for case, case_problems, counts in checked:
+        case_problems += scheme_problems(case, counts, label_scheme)
         problems += case_problems
         if not case_problems:
             cases.append(case)
+            voxels[case["case"]] = counts
     if strict and problems:
         raise DatasetError(problems)
 
     def relative(path: str) -> str:
         return Path(os.path.relpath(path, root)).as_posix()
 
+    scheme = get_scheme(label_scheme)
     training = [case for case in cases if case["label"] is not None]
-    folds = assign_folds([case["case"] for case in training], num_folds, seed) if training else {}
+    has_et = {case["case"]: _region_voxels(voxels[case["case"]], scheme, "ET") > 0 for case in training}
+    tumour = {case["case"]: _region_voxels(voxels[case["case"]], scheme, "WT") for case in training}
+    tertiles = volume_tertiles(tumour)
+    strata = {case: (has_et[case], tertiles[case]) for case in has_et}
+    folds = assign_folds(list(strata), num_folds, seed, strata) if training else {}
     datalist = {
         "label_scheme": label_scheme,
         "training": [
@@ -215,6 +270,8 @@ def _build_datalist(
                 "image": [relative(p) for p in case["image"]],
                 "label": relative(case["label"]),
                 "fold": folds[case["case"]],
+                "has_et": has_et[case["case"]],
+                "tumour_voxels": tumour[case["case"]],
             }
             for case in training
         ],
@@ -318,7 +375,9 @@ def main(
     """Check the cases under DATASET_DIR and write the datalist JSON to OUTPUT (bad cases, and folders that are
     not cases, are left out and reported on stderr; with --strict any problem stops the script and nothing is
     written). Segmentations are checked against --label_scheme (brats2023_ped, brats2024_ped, brats2021), or
-    without it against the scheme their values tell, which is printed with the reason."""
+    without it against the scheme their values tell, which is printed with the reason. The --num_folds folds are
+    stratified by ET present or not and whole-tumour volume tertile, the same for a --seed; a table of each fold's
+    cases, ET-free cases and cases per tertile is printed."""
     with exit_on_input_error():
         try:
             datalist, problems, reason = _build_datalist(dataset_dir, num_folds, seed, strict, label_scheme)
@@ -331,11 +390,15 @@ def main(
         print(line, file=sys.stderr)
     write_json_atomic(datalist, output)
 
-    sizes = np.bincount([entry["fold"] for entry in datalist["training"]], minlength=num_folds)
     left_out = sorted({line.split(": ", 1)[0] for line in problems})
     print(f"label scheme: {datalist['label_scheme']} ({reason})")
     print(f"wrote {output}")
-    print(f"{len(datalist['training'])} training cases in {num_folds} folds (sizes {', '.join(map(str, sizes))})")
+    print(
+        f"{len(datalist['training'])} training cases in {num_folds} folds, stratified by ET present or not and by "
+        "whole-tumour volume tertile (WT voxels):"
+    )
+    for line in fold_table(datalist["training"], num_folds):
+        print(f"  {line}")
     print(f"{len(datalist['testing'])} testing cases")
     print(f"{len(left_out)} left out" + (f" with problems: {', '.join(left_out)}" if left_out else ""))
 

@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def read_fold(path: Path) -> tuple[FoldEvaluation | None, list[str]]:
     return FoldEvaluation(name, path, rows, summary["label_scheme"], summary["challenge"], regions), []
 
 
-def _consistency_problems(folds: list[FoldEvaluation]) -> list[str]:
+def consistency_problems(folds: list[FoldEvaluation]) -> list[str]:
     """Folds scored differently, regions that are not their scheme's, and cases evaluated in more than one fold."""
     problems = []
     scored = {(fold.label_scheme, fold.challenge, fold.regions) for fold in folds}
@@ -158,19 +159,25 @@ def _consistency_problems(folds: list[FoldEvaluation]) -> list[str]:
     return problems
 
 
-def summarize_folds(models_dir: str | Path = "models", output_dir: str | Path | None = None) -> dict:
-    """Gather every evaluated fold under ``models_dir``, write cv_summary.csv, .md and .png to ``output_dir`` (default
-    ``models_dir``) and return the summary: label scheme, rules, cases per fold, and per region and metric the
-    statistics over all cases plus ``fold_means``."""
-    paths = find_fold_evaluations(models_dir)
-    folds, problems = [], []
+def read_folds(paths: Iterable[Path], problems: list[str] | None = None) -> list:
+    """The evaluations of ``paths``, read and checked against each other; one InputError listing every problem (with
+    ``problems`` found before) when any has one."""
+    folds, problems = [], list(problems or [])
     for path in paths:
         fold, fold_problems = read_fold(path)
         problems += fold_problems
         folds += [fold] if fold else []
-    problems += _consistency_problems(folds)
+    problems += consistency_problems(folds)
     if problems:
         raise InputError(problems)
+    return folds
+
+
+def summarize_folds(models_dir: str | Path = "models", output_dir: str | Path | None = None) -> dict:
+    """Gather every evaluated fold under ``models_dir``, write cv_summary.csv, .md and .png to ``output_dir`` (default
+    ``models_dir``) and return the summary: label scheme, rules, cases per fold, and per region and metric the
+    statistics over all cases plus ``fold_means``."""
+    folds = read_folds(find_fold_evaluations(models_dir))
 
     label_scheme, challenge = folds[0].label_scheme, folds[0].challenge
     overall = summarize([row for fold in folds for row in fold.rows], challenge, label_scheme)

@@ -26,7 +26,16 @@ BRATS_SHAPE = (240, 240, 155)
 BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
 # ITK (and so the BraTS preprocessing) writes both transforms with code 1, scanner anatomical.
 XFORM_CODE = 1
-NO_ET_FRACTION = 0.12  # 88 of 99 BraTS-PED training cases have enhancing tumour
+# 88 of 99 BraTS-PED 2023 training cases have enhancing tumour, and fewer of the 2024 ones (diffuse midline gliomas
+# often do not enhance); a fifth without gives most cross-validation folds of a small demo set an ET-free case.
+NO_ET_FRACTION = 0.2
+# How a tumour's enhancing part looks, with its probability: paediatric ET is mostly small, thin or scattered, which
+# is what makes it the hardest region to learn. A rim is a thin broken shell at the core's surface, foci are a few
+# nodules of a few mm, patches are small irregular spots and a mass is a larger enhancing part of the core.
+ET_KINDS = {"rim": 0.35, "foci": 0.3, "patches": 0.2, "mass": 0.15}
+RIM_MM = (1.5, 3.5)  # thickness of an enhancing rim
+FOCUS_RADIUS_MM = (1.5, 4.0)
+SATELLITE_ET_FRACTION = 0.6  # satellite tumours that enhance too, in a case with ET: several ET lesions
 CYST_FRACTION = 0.5  # tumours with a cyst, in schemes that label cysts (pilocytic astrocytomas often have one)
 
 # Mean intensity of each tissue and tumour sub-region per modality, before the per-case scale; a (low, high)
@@ -166,6 +175,29 @@ def _cyst(core: np.ndarray, spacing: np.ndarray, radius_mm: float, rng: np.rando
     return interior & (distance < cyst_radius_mm)
 
 
+def _enhancing(
+    kind: str, solid: np.ndarray, spacing: np.ndarray, sigma_vox: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Enhancing voxels of a tumour's solid core, of one of ``ET_KINDS`` (may be empty); ``sigma_vox`` is the
+    correlation length of the tumour's texture."""
+    if kind == "foci":
+        candidates = np.argwhere(solid)
+        centres = candidates[rng.integers(len(candidates), size=rng.integers(2, 7))]
+        axes = np.indices(solid.shape, sparse=True)
+        foci = np.zeros_like(solid)
+        for centre in centres:
+            distance = np.sqrt(sum(((axis - c) * s) ** 2 for axis, c, s in zip(axes, centre, spacing, strict=True)))
+            foci |= distance <= rng.uniform(*FOCUS_RADIUS_MM)
+        return solid & foci
+    texture = _smooth_noise(solid.shape, sigma_vox / (3 if kind == "patches" else 2), rng)
+    if kind == "rim":
+        depth = ndimage.distance_transform_edt(np.pad(solid, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+        return solid & (depth <= rng.uniform(*RIM_MM)) & (texture > rng.uniform(-0.8, 0.3))
+    if kind == "patches":
+        return solid & (texture > rng.uniform(1.0, 1.6))
+    return solid & (texture > rng.uniform(0.0, 0.8))
+
+
 def _tumour_tissues(
     brain: np.ndarray,
     spacing: np.ndarray,
@@ -175,7 +207,7 @@ def _tumour_tissues(
     rng: np.random.Generator,
 ) -> tuple[tuple[slice, ...], np.ndarray]:
     """One tumour in a box of the grid: a patch of tissue codes with an irregular edema shell around a core
-    whose enhancing part is a broken rim or scattered blobs, and optionally a cyst inside the core."""
+    with an enhancing part of one of ``ET_KINDS``, and optionally a cyst inside the core."""
     centre = _tumour_centre(brain, spacing, radius_mm, rng)
     half = np.ceil(1.6 * radius_mm / spacing).astype(int) + 1
     lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, brain.shape)
@@ -203,13 +235,9 @@ def _tumour_tissues(
     solid = core & ~cyst
     et = np.zeros_like(core)
     if with_et:
-        texture = _smooth_noise(box_shape, sigma_vox / 2, rng)
-        if rng.random() < 0.6:
-            et = solid & (core_field > 1 - rng.uniform(0.2, 0.4)) & (texture > rng.uniform(-1.0, 0.0))
-        else:
-            et = solid & (texture > rng.uniform(0.3, 1.0))
-        if not et.any():
-            et = core & ~ndimage.binary_erosion(core)
+        et = _enhancing(rng.choice(list(ET_KINDS), p=list(ET_KINDS.values())), solid, spacing, sigma_vox, rng)
+    if with_et and not et.any():
+        et = core & ~ndimage.binary_erosion(core)
     codes = [_CODE["et"], _CODE["cyst"], _CODE["core"], _CODE["edema"]]
     tissues = np.select([et, cyst, core, whole], codes, default=0).astype(np.uint8)
     return box, tissues
@@ -225,7 +253,7 @@ def _sample_tumours(
     num_tumours = rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15])
     for index in range(num_tumours):
         radius_mm = rng.uniform(18, 35) if index == 0 else rng.uniform(8, 16)
-        tumour_et = with_et and (index == 0 or rng.random() < 0.5)
+        tumour_et = with_et and (index == 0 or rng.random() < SATELLITE_ET_FRACTION)
         tumour_cyst = with_cysts and rng.random() < CYST_FRACTION
         box, tissues = _tumour_tissues(brain, spacing, radius_mm, tumour_et, tumour_cyst, rng)
         # Keep the more specific tissue where tumours overlap.
@@ -306,8 +334,8 @@ def make_case(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One synthetic case: ({modality: float32 volume}, uint8 label map in `label_scheme`, affine).
 
-    ``with_et`` None draws whether the case has enhancing tumour (absent in ~12% of cases). Tumours get cysts
-    only where the scheme labels them apart, so the default scheme's cases stay what its seeds always gave.
+    ``with_et`` None draws whether the case has enhancing tumour (absent in ``NO_ET_FRACTION`` of cases). Tumours
+    get cysts only where the scheme labels them apart, so the default scheme's cases stay what its seeds always gave.
     """
     tissue_labels = _tissue_labels(get_scheme(label_scheme))
     tumour_tissues = tuple(tissue_labels)

@@ -197,7 +197,9 @@ def test_volume_problem_names_bad_images_and_labels(data, label, expected):
 def test_case_labels_are_checked_against_the_label_scheme(tmp_path, labels, problems):
     case_dir = tiny_case(tmp_path, 6, labels=labels)
     case = case_files(case_dir)
-    assert survey_case(case) == ([], {0, *labels})
+    problems_found, counts = survey_case(case)
+    assert problems_found == [] and set(counts) == {0, *labels}
+    assert sum(counts.values()) == np.prod(TINY) and min(counts.values()) > 0
     for scheme, problem in problems.items():
         found = check_case(case, label_scheme=scheme)
         if problem is None:

@@ -1,4 +1,4 @@
-"""Datalist and folds: discovery, checks of every case, balanced reproducible folds, fold_split."""
+"""Datalist and folds: discovery, checks of every case, stratified reproducible folds, fold_split."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import fire
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.data import load_decathlon_datalist
 
 from scripts import prepare_datalist
 from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, find_case_dirs
@@ -22,8 +23,10 @@ from scripts.prepare_datalist import (
     assign_folds,
     detect_label_scheme,
     fold_split,
+    fold_table,
     main,
     make_datalist,
+    volume_tertiles,
 )
 from tests.test_cases import TINY, break_case, save_like, tiny_case, write_old_case
 
@@ -75,6 +78,99 @@ def test_folds_reproducible_for_a_seed_and_independent_of_input_order():
     ids = [f"BraTS-PED-{n:05d}-000" for n in range(1, 40, 2)]
     assert assign_folds(ids, 5, seed=1) == assign_folds(list(reversed(ids)), 5, seed=1)
     assert assign_folds(ids, 5, seed=1) != assign_folds(ids, 5, seed=2)
+
+
+def test_volume_tertiles_hold_a_third_each_whatever_the_ties():
+    assert volume_tertiles({"a": 5, "b": 1, "c": 9}) == {"b": 0, "a": 1, "c": 2}
+    tied = volume_tertiles({f"case{n}": 7 for n in range(7)})
+    assert sorted(Counter(tied.values()).values()) == [2, 2, 3]
+    assert volume_tertiles({"a": 3}) == {"a": 0} and volume_tertiles({}) == {}
+
+
+def stratified_ids(num_cases: int, num_et_free: int, seed: int = 0) -> tuple[list[str], dict[str, tuple]]:
+    """Case ids and their strata (has ET, volume tertile), the ET-free ones spread over the volumes at random."""
+    rng = np.random.default_rng(seed)
+    ids = [f"BraTS-PED-{n:05d}-000" for n in range(1, num_cases + 1)]
+    et_free = set(rng.choice(ids, num_et_free, replace=False).tolist())
+    tertiles = volume_tertiles(dict(zip(ids, rng.permutation(num_cases).tolist(), strict=True)))
+    return ids, {case: (case not in et_free, tertiles[case]) for case in ids}
+
+
+@pytest.mark.parametrize(("num_cases", "num_et_free", "num_folds"), [(99, 11, 5), (40, 7, 5), (23, 2, 10), (9, 1, 3)])
+def test_stratified_folds_share_et_free_cases_and_volumes(num_cases, num_et_free, num_folds):
+    ids, strata = stratified_ids(num_cases, num_et_free)
+    folds = assign_folds(ids, num_folds, seed=0, strata=strata)
+    assert sorted(folds) == sorted(ids)
+    sizes = Counter(folds.values())
+    assert len(sizes) == num_folds and max(sizes.values()) - min(sizes.values()) <= 1
+    et_free = Counter(folds[case] for case in ids if not strata[case][0])
+    # every fold has its even share of ET-free cases to within one (none short by more when there are fewer)
+    assert all(num_et_free // num_folds <= et_free[fold] <= -(-num_et_free // num_folds) for fold in range(num_folds))
+    for tertile in range(3):
+        counts = [sum(folds[c] == fold and strata[c][1] == tertile for c in ids) for fold in range(num_folds)]
+        assert max(counts) - min(counts) <= 2, (tertile, counts)
+    for stratum in set(strata.values()):  # each stratum itself is dealt evenly, however small
+        dealt = Counter(folds[case] for case in ids if strata[case] == stratum)
+        assert max(dealt.values()) - min(dealt.get(fold, 0) for fold in range(num_folds)) <= 1
+
+
+def test_stratified_folds_reproducible_for_a_seed():
+    ids, strata = stratified_ids(40, 7)
+    folds = assign_folds(ids, 5, seed=3, strata=strata)
+    assert assign_folds(list(reversed(ids)), 5, seed=3, strata=dict(reversed(strata.items()))) == folds
+    assert assign_folds(ids, 5, seed=4, strata=strata) != folds
+    # pinned for seed 3: the folds depend on nothing but the ids, strata and seed (no hash order, no threads)
+    assert [folds[case] for case in ids[:12]] == [0, 4, 0, 3, 4, 3, 2, 3, 1, 2, 0, 1]
+
+
+def stratified_dataset(root: Path, volumes: list[int], et_free: set[int]) -> Path:
+    """Tiny training cases whose segmentation holds `volumes[i]` tumour voxels (label 2 then 1), one of them ET (3)
+    unless i is in `et_free`."""
+    for index, volume in enumerate(volumes):
+        case_dir = tiny_case(root / TRAINING_FOLDER, index + 1)
+        seg = np.zeros(np.prod(TINY), np.uint8)
+        seg[:volume] = 2
+        seg[0] = 1 if index in et_free else 3
+        save_like(case_dir, "seg", seg.reshape(TINY))
+    return root
+
+
+def test_datalist_folds_are_stratified_and_record_et_and_volume(tmp_path, capsys):
+    volumes = [10 + 3 * n for n in range(20)]
+    et_free = {0, 4, 9, 13, 17}
+    root = stratified_dataset(tmp_path / "data", volumes, et_free)
+    output = tmp_path / "datalist.json"
+    fire.Fire(main, command=["--dataset_dir", str(root), "--output", str(output), "--num_folds", "4", "--seed", "1"])
+    datalist = json.loads(output.read_text())
+    entries = {int(Path(entry["label"]).parent.name[10:15]) - 1: entry for entry in datalist["training"]}
+    assert {index: (entry["has_et"], entry["tumour_voxels"]) for index, entry in entries.items()} == {
+        index: (index not in et_free, volume) for index, volume in enumerate(volumes)
+    }
+    assert sorted(Counter(entry["fold"] for entry in entries.values()).values()) == [5, 5, 5, 5]
+    assert sorted(Counter(entries[index]["fold"] for index in et_free).values()) == [1, 1, 1, 2]
+    assert make_datalist(root, num_folds=4, seed=1)[0] == datalist
+    assert make_datalist(root, num_folds=4, seed=2)[0] != datalist
+    # monai reads the datalist as before; the new keys pass through as they are
+    loaded = load_decathlon_datalist(output, data_list_key="training", base_dir=root)
+    assert [(item["has_et"], item["tumour_voxels"]) for item in loaded] == [
+        (entry["has_et"], entry["tumour_voxels"]) for entry in datalist["training"]
+    ]
+    printed = capsys.readouterr().out
+    table = fold_table(datalist["training"], 4)
+    assert table[0].split() == ["fold", "cases", "ET-free", "WT", "10-28", "WT", "31-49", "WT", "52-67"]
+    assert "\n".join(f"  {line}" for line in table) in printed
+    rows = [list(map(int, line.split())) for line in table[1:]]
+    assert [row[0] for row in rows] == [0, 1, 2, 3] and all(row[1] == sum(row[3:]) == 5 for row in rows)
+    assert sorted(row[2] for row in rows) == [1, 1, 1, 2]
+
+
+def test_fold_table_of_an_older_datalist_counts_cases_only():
+    training = [{"label": f"{n}/seg.nii.gz", "fold": n % 2} for n in range(5)]
+    assert [line.split() for line in fold_table(training, 2)] == [
+        ["fold", "cases", "ET-free", "WT", "-", "WT", "-", "WT", "-"],
+        ["0", "3", "0", "0", "0", "0"],
+        ["1", "2", "0", "0", "0", "0"],
+    ]
 
 
 @pytest.mark.parametrize("num_folds", [1, 6])

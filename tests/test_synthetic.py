@@ -13,7 +13,21 @@ from scipy import ndimage
 from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER
 from scripts.labels import SCHEMES
 from scripts.prepare_datalist import make_datalist
-from scripts.synthetic import BRATS_AFFINE, BRATS_SHAPE, generate_dataset, grid_affine, main, make_case, write_case
+from scripts.synthetic import (
+    _CODE,
+    BRATS_AFFINE,
+    BRATS_SHAPE,
+    FOCUS_RADIUS_MM,
+    NO_ET_FRACTION,
+    RIM_MM,
+    _enhancing,
+    _sample_tumours,
+    generate_dataset,
+    grid_affine,
+    main,
+    make_case,
+    write_case,
+)
 from tests.conftest import SMALL_SHAPE
 
 TINY_SHAPE = (32, 32, 20)
@@ -95,7 +109,61 @@ def test_enhancing_tumour_can_be_forced_off_or_on():
 
 def test_some_cases_lack_enhancing_tumour_by_default():
     has_et = [np.any(make_case(seed, TINY_SHAPE)[1] == 3) for seed in range(40)]
-    assert 1 <= has_et.count(False) <= 12
+    assert 0.5 * NO_ET_FRACTION * 40 <= has_et.count(False) <= 2 * NO_ET_FRACTION * 40
+
+
+SPACING_MM = np.array([1.0, 1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def solid_ball() -> np.ndarray:
+    """A solid tumour core: a ball of radius 12 mm on a 1 mm grid."""
+    axes = np.indices((31, 31, 31)) - 15
+    return np.sum(axes**2, axis=0) <= 12**2
+
+
+def et_of_kind(kind: str, solid: np.ndarray, seed: int) -> np.ndarray:
+    et = _enhancing(kind, solid, SPACING_MM, np.full(3, 4.0), np.random.default_rng(seed))
+    assert et.any() and not np.any(et & ~solid)
+    return et
+
+
+def test_an_enhancing_rim_is_a_thin_broken_shell_at_the_core_surface(solid_ball):
+    depth = ndimage.distance_transform_edt(np.pad(solid_ball, 1))[1:-1, 1:-1, 1:-1]
+    shell = solid_ball & (depth <= RIM_MM[1])
+    for seed in range(4):
+        et = et_of_kind("rim", solid_ball, seed)
+        assert depth[et].max() <= RIM_MM[1] and np.count_nonzero(et) < np.count_nonzero(shell)
+
+
+def test_enhancing_foci_are_a_few_small_separate_nodules(solid_ball):
+    largest_focus = 4 / 3 * np.pi * (FOCUS_RADIUS_MM[1] + 0.5) ** 3
+    for seed in range(4):
+        et = et_of_kind("foci", solid_ball, seed)
+        labels, count = ndimage.label(et, np.ones((3, 3, 3)))
+        assert 1 <= count <= 6
+        # Nodules may touch, but together they stay a few small balls: no more than six of the largest.
+        assert np.count_nonzero(et) <= 6 * largest_focus
+    counts = [ndimage.label(et_of_kind("foci", solid_ball, seed), np.ones((3, 3, 3)))[1] for seed in range(8)]
+    assert max(counts) >= 3
+
+
+def test_enhancing_patches_cover_a_small_part_of_the_core(solid_ball):
+    for seed in range(4):
+        assert np.count_nonzero(et_of_kind("patches", solid_ball, seed)) < 0.25 * np.count_nonzero(solid_ball)
+
+
+def test_a_case_can_have_several_enhancing_lesions():
+    axes = np.indices((80, 90, 75))
+    radii = np.array([35, 42, 33]).reshape(3, 1, 1, 1)
+    brain = np.sum(((axes - np.array([40, 45, 37]).reshape(3, 1, 1, 1)) / radii) ** 2, axis=0) < 1
+    lesions = []
+    for seed in range(8):
+        tumours = _sample_tumours(brain, np.full(3, 2.0), True, False, np.random.default_rng(seed))
+        sizes = np.bincount(ndimage.label(tumours == _CODE["et"], np.ones((3, 3, 3)))[0].ravel())[1:]
+        # Lesions the official scorer counts: over 50 mm^3 (7 voxels of 8 mm^3).
+        lesions.append(np.count_nonzero(sizes > 6))
+    assert min(lesions) >= 1 and sum(count >= 2 for count in lesions) >= 4
 
 
 def test_sub_region_contrasts(cases):
@@ -113,11 +181,11 @@ def test_sub_region_contrasts(cases):
 
 def test_the_2023_stream_is_unchanged(cases):
     """Seeds give the cases they always gave (the demo and the metric benchmark rely on it): label counts and
-    image sums of the output before the label schemes came."""
+    image sums of the output since enhancing tumour came in several kinds."""
     images, seg, _ = cases[1]
-    assert np.bincount(seg.ravel()).tolist() == [162613, 307, 894, 26]
+    assert np.bincount(seg.ravel()).tolist() == [162454, 300, 1045, 41]
     sums = {modality: images[modality].sum(dtype=np.float64) for modality in MODALITIES}
-    expected = {"t1c": 5958064.5456, "t1n": 8548741.5679, "t2f": 10292661.3722, "t2w": 26520841.9044}
+    expected = {"t1c": 17720731.3281, "t1n": 29156373.6681, "t2f": 4891369.196, "t2w": 13529612.7493}
     assert sums == pytest.approx(expected, rel=1e-6)
 
 
