@@ -5,7 +5,9 @@
 and skipped, every output is written atomically on exactly the grid and header of the case's t1c file
 (or of its stacked 4-channel file, scripts.stack_modalities), finished cases are skipped when a run is
 repeated, and what a killed run left half-written is removed. Under torchrun (configs/multi_gpu_inference.yaml)
-each process predicts every N-th case and the summary and exit status cover them all.
+each process predicts every N-th case and the summary and exit status cover them all. Cases are the iterations of
+an ignite Engine, so MONAI's handlers attach to it (`python -m monai.bundle run ... --tracking mlflow` adds an
+MLFlowHandler to `val_handlers`); the summary's numbers are its `state.metrics`.
 `EnsembleInferer` averages sigmoid probabilities over checkpoints and mirrored inputs.
 """
 
@@ -17,17 +19,17 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.inferers import Inferer
 from monai.utils import convert_to_numpy
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from scripts.atomic import atomic_output, remove_stale_temporaries, write_text_atomic
 from scripts.cases import (
@@ -133,21 +135,70 @@ def _as_is(item):
     return item
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): only there do oneDNN's bf16 kernels beat
+    fp32; elsewhere bf16 is emulated and slower. torch has no public query for it (2.13)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast_dtype(precision: str, device_type: str, native_bf16: bool | None = None) -> torch.dtype | None:
+    """The dtype the network runs in under autocast for `precision` on a `device_type` ("cpu", "cuda") device, or
+    None for plain fp32. "auto": fp16 on CUDA, bf16 on a CPU that has it natively (`native_bf16`, else asked of
+    this CPU), fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision is one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device_type == "cuda":
+            return torch.float16
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        return torch.bfloat16 if device_type == "cpu" and native else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 class EnsembleInferer(Inferer):
     """Mean sigmoid probability of `inferer` over `networks` (or the network passed in) and over
-    every combination of flips along `mirror_axes` (spatial axes 0-2), as nnU-Net's mirror TTA."""
+    every combination of flips along `mirror_axes` (spatial axes 0-2), as nnU-Net's mirror TTA.
+    The network runs at `precision` (autocast; see `autocast_dtype`) and, with `channels_last`, on channels-last
+    tensors (oneDNN's faster 3D convolutions on a CPU); probabilities and their blending stay float32."""
 
-    def __init__(self, inferer: Inferer, networks: Sequence[torch.nn.Module] = (), mirror_axes: Sequence[int] = ()):
+    def __init__(
+        self,
+        inferer: Inferer,
+        networks: Sequence[torch.nn.Module] = (),
+        mirror_axes: Sequence[int] = (),
+        precision: str = "fp32",
+        channels_last: bool = False,
+    ):
         super().__init__()
         if any(axis not in (0, 1, 2) for axis in mirror_axes):
             raise ValueError(f"mirror_axes are spatial axes among 0, 1, 2, got {list(mirror_axes)}")
+        autocast_dtype(precision, "cpu", native_bf16=False)  # an unknown precision fails here, not at the first case
         self.inferer = inferer
         self.networks = list(networks)
+        self.precision = precision
+        self.channels_last = channels_last
         axes = sorted({axis + 2 for axis in mirror_axes})  # batch and channel come first
         self.flips = [list(dims) for n in range(len(axes) + 1) for dims in itertools.combinations(axes, n)]
 
+    def _at_precision(self, network: Callable, device_type: str) -> Callable:
+        """`network` run at this inferer's precision and memory format, returning float32."""
+        dtype = autocast_dtype(self.precision, device_type)
+
+        # The window alone goes channels-last: convolutions follow their input's layout, and the network (maybe a
+        # 2D one run slice by slice, or MONAI Label's own) is left as it is.
+        def run(window: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if self.channels_last:
+                window = window.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+                return network(window, *args, **kwargs).float().contiguous()
+
+        return run
+
     def __call__(self, inputs: torch.Tensor, network: Callable | None = None, *args, **kwargs) -> torch.Tensor:
-        networks = self.networks or [network]
+        networks = [self._at_precision(net, inputs.device.type) for net in self.networks or [network]]
         total = None
         for net in networks:
             for dims in self.flips:
@@ -171,11 +222,12 @@ class CasePredictor:
         output_dir: str | Path,
         device: str | torch.device = "cpu",
         overwrite: bool = False,
-        amp: bool = False,
         summary_path: str | Path | None = None,
         probabilities_dir: str | Path | None = None,
         regions: Sequence[str] = (),
         num_workers: int = 0,
+        val_handlers: Sequence = (),
+        score: Callable[[], dict] | None = None,
     ):
         self.cases = list(cases)
         self.preprocessing = preprocessing
@@ -185,11 +237,13 @@ class CasePredictor:
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
         self.overwrite = overwrite
-        self.amp = amp and self.device.type == "cuda"
         self.summary_path = Path(summary_path) if summary_path is not None else None
         self.probabilities_dir = Path(probabilities_dir) if probabilities_dir is not None else None
         self.regions = list(regions)
         self.num_workers = num_workers
+        self.val_handlers = list(val_handlers)
+        self.score = score
+        self.scores: dict | None = None
 
     def output_path(self, case: dict) -> Path:
         return self.output_dir / f"{case['case']}.nii.gz"
@@ -229,8 +283,7 @@ class CasePredictor:
     def predict(self, data: dict) -> dict:
         """The post-processing's output for one preprocessed case: ``pred``, the label map on the grid of its input
         files, and ``probabilities`` (the regions' probabilities there) when the post-processing keeps them."""
-        autocast = torch.autocast("cuda") if self.amp else nullcontext()
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             pred = self.inferer(data["image"][None].to(self.device), self.network)
         data["pred"] = pred[0].float().cpu()
         return self.postprocessing(data)
@@ -248,8 +301,11 @@ class CasePredictor:
 
     def run(self) -> dict:
         """Predict every pending case and return a summary; after the summary, exit with status 1 if any failed.
-        Under torchrun every process takes every N-th case (the list is the same on all, so each case falls to
-        one) and all of them return the summary of all cases; process 0 exits with status 1 if any case failed."""
+        Each case is an iteration of an ignite Engine that runs `val_handlers`; at the end of its epoch, once every
+        case is written, the summary's numbers are in `state.metrics` and, if none failed, so are those of
+        `score()` (keys joined with "/"), which `scores` keeps. Under torchrun every process takes every N-th case
+        (the list is the same on all, so each case falls to one) and all of them return the summary of all cases;
+        process 0 exits with status 1 if any case failed."""
         if not self.cases:
             raise InputError("no cases to predict")
         self.network.eval()
@@ -257,33 +313,68 @@ class CasePredictor:
             logger.warning(f"removed {path.name}, left by an interrupted run")
         rank, world = idist.get_rank(), idist.get_world_size()
         share = self.cases[rank::world]
-        pending = [case for case in share if self.overwrite or not self.is_done(case)]
-        failures: list[str] = []
-        seconds: list[float] = []
-        last = time.perf_counter()
-        prepared = self.prepared(pending)
-        for case, data, problems in tqdm(prepared, total=len(pending), desc="cases", unit="case", disable=rank > 0):
-            if not problems:
-                try:
-                    self.write(case, self.predict(data))
-                except Exception as error:  # one bad case must not stop the batch
-                    problems = case_problem_lines(case, error)
-            now = time.perf_counter()
-            if not problems:  # from the previous case to this one: with workers, what waiting for data costs too
-                seconds.append(now - last)
-            last = now
-            for problem in problems:
-                logger.error(problem)
-            failures += problems
-        outcome = (len(share), len(pending), failures, seconds, peak_memory())
+        done = [case for case in share if not self.overwrite and self.is_done(case)]
+        pending = [case for case in share if case not in done]
+        engine = Engine(self._predict_case)
+        engine.state.num_cases, engine.state.failures, engine.state.seconds = len(share), [], []
+        engine.add_event_handler(Events.STARTED, self._start_clock)
+        if rank == 0:
+            ProgressBar(persist=True, desc="cases", unit="case").attach(engine)
+        # Before the handlers' own, so that they find the summary in state.metrics.
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._summarize, len(pending))
+        for handler in self.val_handlers:
+            handler.attach(engine)
+        # An already written case is an iteration too (problems None: skipped), so that a rerun is tracked as well.
+        items = itertools.chain(((case, None, None) for case in done), self.prepared(pending))
+        if share:
+            engine.run(items, max_epochs=1, epoch_length=len(share))
+        else:  # more processes than cases: this one only takes part in the gathering
+            self._summarize(engine, 0)
+        summary = engine.state.summary
+        if self.summary_path is not None and rank == 0:
+            write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
+        if engine.state.all_failures and rank == 0:
+            raise SystemExit("failed cases:\n" + "\n".join(engine.state.all_failures))
+        return summary
+
+    @staticmethod
+    def _start_clock(engine: Engine) -> None:
+        engine.state.clock = time.perf_counter()
+
+    def _predict_case(self, engine: Engine, item: tuple[dict, dict | None, list[str] | None]) -> dict:
+        """One iteration: the case written, or its problems logged; problems None: already written, skipped.
+        Returns {"case", "problems", "seconds"}: from the previous case to this one (with workers, what waiting for
+        data costs too), None unless written."""
+        case, data, problems = item
+        if problems is None:
+            engine.state.clock = time.perf_counter()
+            return {"case": case["case"], "problems": [], "seconds": None}
+        if not problems:
+            try:
+                self.write(case, self.predict(data))
+            except Exception as error:  # one bad case must not stop the batch
+                problems = case_problem_lines(case, error)
+        now = time.perf_counter()
+        seconds = None if problems else now - engine.state.clock
+        engine.state.clock = now
+        for problem in problems:
+            logger.error(problem)
+        engine.state.failures += problems
+        engine.state.seconds += [seconds] if seconds is not None else []
+        return {"case": case["case"], "problems": problems, "seconds": seconds}
+
+    def _summarize(self, engine: Engine, num_pending: int) -> None:
+        """The summary of every process's cases into `state.summary` and its numbers into `state.metrics`; then,
+        if no case failed, `score()`'s."""
+        outcome = (engine.state.num_cases, num_pending, engine.state.failures, engine.state.seconds, peak_memory())
         # A gather is also a barrier: once it returns, every process has written its cases.
-        outcomes = idist.all_gather(outcome) if world > 1 else [outcome]
+        outcomes = idist.all_gather(outcome) if idist.get_world_size() > 1 else [outcome]
         failures = [problem for _, _, rank_failures, _, _ in outcomes for problem in rank_failures]
         seconds = [case_seconds for _, _, _, rank_seconds, _ in outcomes for case_seconds in rank_seconds]
         failed = sorted({problem.split(": ", 1)[0] for problem in failures})
         summary = {
-            "written": sum(num_pending for _, num_pending, _, _, _ in outcomes) - len(failed),
-            "skipped_existing": sum(num_cases - num_pending for num_cases, num_pending, _, _, _ in outcomes),
+            "written": sum(pending for _, pending, _, _, _ in outcomes) - len(failed),
+            "skipped_existing": sum(num_cases - pending for num_cases, pending, _, _, _ in outcomes),
             "failed": failed,
             "output_dir": str(self.output_dir),
             # Reading, preprocessing, network, post-processing and writing of a written case.
@@ -296,8 +387,22 @@ class CasePredictor:
             f"{len(failed)} failed, in {self.output_dir}; {summary['seconds_per_case']} s per case, "
             f"peak RAM {summary['peak_ram_gb']} GB"
         )
-        if self.summary_path is not None and rank == 0:
-            write_text_atomic(self.summary_path, json.dumps(summary, indent=2) + "\n")
-        if failures and rank == 0:
-            raise SystemExit("failed cases:\n" + "\n".join(failures))
-        return summary
+        engine.state.summary, engine.state.all_failures = summary, failures
+        counts = {"cases_written": summary["written"], "cases_skipped_existing": summary["skipped_existing"]}
+        resources = {key: summary[key] for key in ("seconds_per_case", "peak_ram_gb", "peak_gpu_gb")}
+        engine.state.metrics.update(numbers({**counts, "cases_failed": len(failed), **resources}))
+        if self.score is not None and not failures:
+            self.scores = self.score()
+            engine.state.metrics.update(numbers(self.scores))
+
+
+def numbers(values: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers (not None) in a nested dict, each keyed by its path joined with "/", which MLflow groups by;
+    MONAI's flatten_dict would keep only the last key, and a region's metrics would overwrite another's."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -60,6 +60,11 @@ _NOTHING_TO_SCORE = MappingProxyType(
         "gt_volume": 0.0,
     }
 )
+
+# What compute_case_metrics(hd95=False) reports as HD95 (even where the rules fix a value, e.g. 374 for a miss).
+_NO_HD95 = MappingProxyType({"legacy_hd95": float("nan"), "lesionwise_hd95": float("nan")})
+# HD95 between two masks (or maps of lesion ids) given the voxel size in mm: surface_hd95, or _no_distance.
+Distance = Callable[[np.ndarray, np.ndarray, Sequence[float]], float]
 
 
 @dataclass(frozen=True)
@@ -146,11 +151,16 @@ def compute_case_metrics(
     spacing: Sequence[float],
     challenge: str | None = None,
     scheme: str | LabelScheme | None = None,
+    hd95: bool = True,
+    regions: Sequence[str] | None = None,
 ) -> list[dict]:
     """Official metrics of one case: one dict per region the scheme scores, in its order, with the keys ``region`` +
-    METRIC_NAMES. ``challenge`` and ``scheme`` default to each other (``resolve_rules``).
+    METRIC_NAMES. ``challenge`` and ``scheme`` default to each other (``resolve_rules``). ``regions``, a subset of the
+    scored regions, limits the work to those (each region's metrics depend on its own masks alone).
 
     ``pred_label`` and ``gt_label`` are label maps of the scheme on the same grid; ``spacing`` is the voxel size in mm.
+    ``hd95`` False computes no distance and reports both HD95 as NaN: the distances take most of the time, and a
+    search over post-processing that ranks by Dice needs none of them.
     """
     challenge, scheme = resolve_rules(challenge, scheme)
     params = CHALLENGES[challenge]
@@ -160,8 +170,10 @@ def compute_case_metrics(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"expected 3 positive voxel sizes in mm, got {spacing}")
+    if regions is not None and not set(regions) <= set(scheme.scored_regions):
+        raise ValueError(f"regions {list(regions)} are not all among {scheme.name}'s {list(scheme.scored_regions)}")
     # Everything outside the foreground box (plus room for the dilations) is background in every region.
-    box = _bounding_box((pred_label != 0) | (gt_label != 0), margin=_margin(params)) or (slice(0, 0),) * 3
+    box = _bounding_box((pred_label != 0) | (gt_label != 0), margin=crop_margin(params)) or (slice(0, 0),) * 3
     pred_crop, gt_crop = pred_label[box], gt_label[box]
     return [
         {
@@ -172,9 +184,12 @@ def compute_case_metrics(
                 spacing,
                 params,
                 total_voxels=gt_label.size,
+                distance=surface_hd95 if hd95 else _no_distance,
             ),
+            **({} if hd95 else _NO_HD95),
         }
         for region in scheme.scored_regions
+        if regions is None or region in regions
     ]
 
 
@@ -254,6 +269,11 @@ def _distances_to_surface(corners: np.ndarray, surface: np.ndarray, spacing: tup
     return np.sqrt(np.add.reduce(offsets * offsets, axis=1))
 
 
+def _no_distance(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> float:
+    """No distance at all, for ``compute_case_metrics(hd95=False)``."""
+    return float("nan")
+
+
 def _area_weighted_percentile(distances: np.ndarray, areas: np.ndarray) -> float:
     """Smallest distance whose cumulative surfel-area fraction reaches HD_PERCENTILE (ties ordered by area)."""
     order = np.lexsort((areas, distances))
@@ -275,16 +295,22 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
     return tuple(slices)
 
 
-def _margin(params: ChallengeParameters) -> int:
+def crop_margin(params: ChallengeParameters) -> int:
     """Room around a crop that holds every dilation: an 18-neighbour dilation moves at most 1 voxel along an axis."""
     return params.dilation_iterations + 1
 
 
 def _region_metrics(
-    pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...], params: ChallengeParameters, total_voxels: int
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: tuple[float, ...],
+    params: ChallengeParameters,
+    total_voxels: int,
+    distance: Distance,
 ) -> dict:
-    """All metrics of one region from its binary prediction and GT masks (cropped; ``total_voxels`` is uncropped)."""
-    box = _bounding_box(pred | gt, margin=_margin(params))
+    """All metrics of one region from its binary prediction and GT masks (cropped; ``total_voxels`` is uncropped),
+    HD95 measured by ``distance``."""
+    box = _bounding_box(pred | gt, margin=crop_margin(params))
     if box is None:
         return dict(_NOTHING_TO_SCORE)
     pred, gt = pred[box], gt[box]
@@ -299,14 +325,14 @@ def _region_metrics(
     legacy_dice = 2.0 * num_both / (num_pred + num_gt)
     if params.whole_volume_on_lesion_ids:
         sensitivity, specificity = _lesion_id_sensitivity_specificity(pred_lesions, gt_lesions.ids, total_voxels)
-        legacy_hd95 = surface_hd95(gt_lesions.ids, pred_lesions, spacing)
+        legacy_hd95 = distance(gt_lesions.ids, pred_lesions, spacing)
         # Only maps of 0 and 1 give the masks' distance, which a lesion matching the whole prediction may reuse.
         whole_case = (legacy_dice, legacy_hd95) if gt_lesions.count <= 1 and pred_lesions.max() <= 1 else None
     else:
         sensitivity, specificity = _sensitivity_specificity(num_pred, num_gt, num_both, total_voxels)
-        legacy_hd95 = surface_hd95(gt, pred, spacing)
+        legacy_hd95 = distance(gt, pred, spacing)
         whole_case = (legacy_dice, legacy_hd95)
-    lesionwise = _lesionwise_metrics(pred_lesions, gt_lesions, spacing, params, whole_case)
+    lesionwise = _lesionwise_metrics(pred_lesions, gt_lesions, spacing, params, whole_case, distance)
     return {
         "legacy_dice": legacy_dice,
         "legacy_hd95": legacy_hd95,
@@ -384,6 +410,7 @@ def _lesionwise_metrics(
     spacing: tuple[float, ...],
     params: ChallengeParameters,
     whole_case: tuple[float, float] | None,
+    distance: Distance,
 ) -> dict:
     """Lesion-wise Dice / HD95 and lesion TP / FP / FN counts of one region, from the ids of its predicted lesions.
 
@@ -406,7 +433,9 @@ def _lesionwise_metrics(
         else:
             num_tp += 1
             scores.append(
-                _lesion_scores(lesion, components, gt_lesions.ids, pred_ids, lesion_stats, pred_stats, spacing)
+                _lesion_scores(
+                    lesion, components, gt_lesions.ids, pred_ids, lesion_stats, pred_stats, spacing, distance
+                )
             )
 
     num_matched = np.unique(np.concatenate(matches)).size if matches else 0
@@ -446,6 +475,7 @@ def _lesion_scores(
     lesion_stats: dict,
     pred_stats: dict,
     spacing: tuple[float, ...],
+    distance: Distance,
 ) -> tuple[float, float]:
     """(Dice, HD95) between one lesion and the union of its matched predictions, within their joint bounding box."""
     boxes = [lesion_stats["bounding_boxes"][lesion], *(pred_stats["bounding_boxes"][c] for c in components)]
@@ -458,4 +488,4 @@ def _lesion_scores(
     lesion_size = int(lesion_stats["voxel_counts"][lesion])
     matched_size = int(pred_stats["voxel_counts"][components].sum())
     dice = 2.0 * intersection / (lesion_size + matched_size)
-    return dice, surface_hd95(lesion_mask, matched_mask, spacing)
+    return dice, distance(lesion_mask, matched_mask, spacing)

@@ -11,7 +11,10 @@ MONAI's RemoveSmallObjects would need scikit-image, which the bundle does not de
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -21,18 +24,31 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 
+from scripts.errors import InputError
 from scripts.labels import DEFAULT_SCHEME, get_scheme
 
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+# What configs/inference.yaml applies when no post-processing file is there: nothing.
+NO_POSTPROCESSING = MappingProxyType({"min_component_voxels": 0, "min_et_fraction": 0.0})
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 26-connected components of a 3D boolean mask (ids, 0 outside it) and the voxel count of each id."""
+    components, _ = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    return components, np.bincount(components.ravel())
+
+
+def large_components(components: np.ndarray, sizes: np.ndarray, min_voxels: int) -> np.ndarray:
+    """The mask of the components (as `label_components` gives them) of at least `min_voxels` voxels; labelling once
+    and thresholding many times is what a search over `min_voxels` needs."""
+    keep = sizes >= min_voxels
+    keep[0] = False  # background
+    return keep[components]
 
 
 def without_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """A 3D boolean mask without its 26-connected components of fewer than `min_voxels` voxels."""
-    components, _ = ndimage.label(mask, structure=_CONNECTIVITY_26)
-    sizes = np.bincount(components.ravel())
-    keep = sizes >= min_voxels
-    keep[0] = False  # background
-    return keep[components]
+    return large_components(*label_components(mask), min_voxels)
 
 
 class RemoveSmallComponentsd(MapTransform):
@@ -122,3 +138,44 @@ class MaskOutsideInputd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = d[key] * convert_to_dst_type(inside, dst=d[key])[0]
         return d
+
+
+def read_postprocessing_file(path: str | Path | None, label_scheme: str = DEFAULT_SCHEME) -> dict:
+    """The post-processing that ``python -m scripts.tune_postprocessing`` chose and wrote to ``path``:
+    ``{"min_component_voxels": [one per network region of the scheme], "min_et_fraction": f}``, as the transforms above
+    take them; NO_POSTPROCESSING when ``path`` is None or no file is there.
+
+    InputError naming the file when it cannot be read, holds invalid values, or was tuned for another label scheme (its
+    regions and labels would mean something else).
+    """
+    if path is None or not Path(path).is_file():
+        return dict(NO_POSTPROCESSING)
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"post-processing file {path}: cannot read it as JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"post-processing file {path}: expected a JSON object, as scripts.tune_postprocessing writes")
+    scheme = get_scheme(label_scheme)
+    if content.get("label_scheme") != scheme.name:
+        raise InputError(
+            f"post-processing file {path} was tuned for label scheme {content.get('label_scheme')}, but label_scheme "
+            f"is {scheme.name}: tune it on evaluations of {scheme.name} (python -m scripts.tune_postprocessing), or "
+            "pass --postprocessing_file null"
+        )
+    sizes, fraction = content.get("min_component_voxels"), content.get("min_et_fraction")
+    problems = []
+    if not (
+        isinstance(sizes, list)
+        and len(sizes) == len(scheme.channels)
+        and all(type(size) is int and size >= 0 for size in sizes)
+    ):
+        problems.append(
+            f"post-processing file {path}: min_component_voxels must be {len(scheme.channels)} non-negative whole "
+            f"numbers, one per region {list(scheme.channels)}, got {sizes!r}"
+        )
+    if type(fraction) not in (int, float) or not 0.0 <= fraction <= 1.0:
+        problems.append(f"post-processing file {path}: min_et_fraction must be a number in [0, 1], got {fraction!r}")
+    if problems:
+        raise InputError(problems)
+    return {"min_component_voxels": sizes, "min_et_fraction": float(fraction)}

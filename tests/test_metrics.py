@@ -361,3 +361,16 @@ def test_2023_pediatric_metrics_are_the_official_scorers_numbers():
     assert len(cases) == 8
     for name, pred, gt, spacing, expected in cases:
         assert_official_numbers(name, compute_case_metrics(pred, gt, spacing, challenge="PED"), expected)
+
+
+@pytest.mark.parametrize("challenge", ["PED", "PED2024"])
+def test_without_hd95_every_other_metric_is_unchanged(challenge):
+    """hd95=False (what a search over post-processing uses) reports NaN for both HD95 and the same everything else."""
+    rng = np.random.default_rng(3)
+    scheme = "brats2024_ped" if challenge == "PED2024" else "brats2023_ped"
+    gt, pred = random_label_map(rng, (20, 22, 18)), random_label_map(rng, (20, 22, 18))
+    full = compute_case_metrics(pred, gt, ISO, challenge, scheme)
+    fast = compute_case_metrics(pred, gt, ISO, challenge, scheme, hd95=False)
+    for full_row, fast_row in zip(full, fast, strict=True):
+        assert np.isnan(fast_row.pop("legacy_hd95")) and np.isnan(fast_row.pop("lesionwise_hd95"))
+        assert fast_row == {name: value for name, value in full_row.items() if not name.endswith("hd95")}

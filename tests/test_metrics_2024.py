@@ -276,3 +276,16 @@ def test_matches_brute_force_restatement_of_the_2024_rules(seed):
         expected = reference_region_2024(np.isin(pred, labels), np.isin(gt, labels), spacing)
         for name, value in expected.items():
             assert row[name] == pytest.approx(value, rel=1e-9, abs=1e-9), (row["region"], name)
+
+
+def test_a_subset_of_regions_scores_as_in_the_full_call():
+    pred = volume(CUBE_A, cube_at(16, label=2), cube_at(26, label=4))
+    gt = volume(CUBE_A, cube_at(17, label=2))
+    full = rows_2024(pred, gt, hd95=False)
+    rows = compute_case_metrics(pred, gt, ISO, scheme="brats2024_ped", hd95=False, regions=["ED", "TC"])
+    assert [row["region"] for row in rows] == ["TC", "ED"]  # the scheme's order
+    for row in rows:
+        assert row == pytest.approx(full[row["region"]], nan_ok=True)
+    assert rows[1]["num_fp"] == 1
+    with pytest.raises(ValueError, match="not all among brats2024_ped's"):
+        compute_case_metrics(pred, gt, ISO, scheme="brats2024_ped", regions=["ET", "XX"])

@@ -66,7 +66,8 @@ def test_monai_label_image_path_survives_preprocessing(brats_dataset):
 def test_one_checkpoint_runs_the_network_passed_in_and_an_ensemble_its_own(detector_checkpoint, tmp_path):
     """MONAI Label passes its own network (network_def with the model file it was asked for, reloaded when the file
     changes): with one checkpoint the inferer must use it; `network` is the checkpoint's for command-line runs."""
-    parser = inference_parser(network_def=POINTWISE_NETWORK, checkpoints=[str(detector_checkpoint)])
+    # fp32: the comparison below is exact (the default on a CPU with native bf16 is bf16).
+    parser = inference_parser(network_def=POINTWISE_NETWORK, checkpoints=[str(detector_checkpoint)], precision="fp32")
     inferer = parser.get_parsed_content("inferer")
     assert inferer.networks == []
     assert all(

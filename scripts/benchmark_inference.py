@@ -1,0 +1,133 @@
+"""Seconds, peak RAM and agreement of the bundle's inference against a plain reference pipeline, on the same cases
+with the same weights.
+
+The bundle runs configs/inference.yaml as it is (plus `--levers`); the reference runs the same config with the
+settings of a tutorial-style pipeline (`REFERENCE`: the whole volume, float32, 4 windows per pass), so that the
+per-region Dice between their label maps measures what the speed and memory levers change, nothing else. Each
+pipeline runs each case in a fresh process: its peak RSS (ru_maxrss) is then that case's alone (loading the weights
+included), which resetting the high-water mark in one process (/proc/self/clear_refs) would not give, since memory
+the allocator kept from the previous case still counts as resident. Seconds are those of inference's own summary:
+reading, preprocessing, network, post-processing and writing of the case.
+
+    python -m scripts.benchmark_inference --checkpoint models/fold0/model.pt [--num_cases 2] [--dataset_dir DIR]
+
+Without --dataset_dir, full-size synthetic cases (240 x 240 x 155, scripts.synthetic) are made in a temporary folder.
+Agreement means something only with a trained network: random weights predict no stable tumour.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import fire
+import nibabel as nib
+import numpy as np
+from monai.bundle import ConfigParser
+
+from scripts.errors import InputError, exit_on_input_error
+from scripts.inference import cases_in_folder
+from scripts.labels import get_scheme
+from scripts.synthetic import BRATS_SHAPE, generate_dataset
+
+INFERENCE_CONFIG = str(Path(__file__).parents[1] / "configs" / "inference.yaml")
+# A tutorial-style pipeline: the whole volume in 4 windows per pass at overlap 0.5, in float32, one thread per core.
+REFERENCE = {
+    "precision": "fp32",
+    "channels_last": False,
+    "crop_to_brain": False,
+    "sw_batch_size": 4,
+    "sw_overlap": 0.5,
+    "flash_attention": False,
+    "threads": None,
+}
+
+
+def predict_case(config_file: str, overrides: dict, case: dict, output_dir: str) -> dict:
+    """Run inference's own engine on one case (in the calling process) and return its seconds and peak RAM."""
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.update({**overrides, "cases": [case], "output_dir": output_dir, "overwrite": True})
+    parser.get_parsed_content("initialize")
+    summary = parser.get_parsed_content("evaluator").run()
+    return {"seconds": summary["seconds_per_case"], "peak_ram_gb": summary["peak_ram_gb"]}
+
+
+def in_fresh_process(function, *args):
+    """`function(*args)` in a new process, so that its peak RSS is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def region_dice(first: np.ndarray, second: np.ndarray, label_scheme: str) -> dict[str, float]:
+    """Dice of each region of the scheme between two label maps; 1.0 where both lack the region."""
+    scheme = get_scheme(label_scheme)
+    dice = {}
+    for region, a, b in zip(
+        scheme.channels, scheme.labels_to_regions(first), scheme.labels_to_regions(second), strict=True
+    ):
+        total = int(a.sum()) + int(b.sum())
+        dice[region] = 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    return dice
+
+
+def benchmark(
+    checkpoint: str,
+    cases: list[dict],
+    work_dir: Path,
+    levers: dict | None = None,
+    overrides: dict | None = None,
+    config_file: str = INFERENCE_CONFIG,
+) -> list[dict]:
+    """Both pipelines on every case, printing a row per case and a last line with both mean times and their ratio;
+    returns the rows."""
+    common = {**(overrides or {}), "checkpoints": [str(checkpoint)]}
+    pipelines = {"bundle": {**common, **(levers or {})}, "reference": {**common, **REFERENCE}}
+    label_scheme = ConfigParser.load_config_file(config_file).get("label_scheme")
+    label_scheme = common.get("label_scheme", label_scheme)
+    rows = []
+    for case in cases:
+        row = {"case": case["case"]}
+        for name, settings in pipelines.items():
+            row[name] = in_fresh_process(predict_case, config_file, settings, case, str(work_dir / name))
+        labels = [np.asarray(nib.load(work_dir / name / f"{case['case']}.nii.gz").dataobj) for name in pipelines]
+        row["dice"] = region_dice(*labels, label_scheme)
+        rows.append(row)
+        print(
+            f"{row['case']}  bundle {row['bundle']['seconds']:.1f} s {row['bundle']['peak_ram_gb']:.2f} GB  "
+            f"reference {row['reference']['seconds']:.1f} s {row['reference']['peak_ram_gb']:.2f} GB  Dice "
+            + " ".join(f"{region} {value:.4f}" for region, value in row["dice"].items()),
+            flush=True,
+        )
+    bundle, reference = (np.mean([row[name]["seconds"] for row in rows]) for name in pipelines)
+    print(f"bundle {bundle:.1f} s per case, reference {reference:.1f} s per case: {reference / bundle:.2f}x faster")
+    return rows
+
+
+def main(
+    checkpoint: str = "models/model.pt",
+    num_cases: int = 2,
+    dataset_dir: str | None = None,
+    levers: dict | None = None,
+    overrides: dict | None = None,
+    shape: str | tuple = BRATS_SHAPE,
+    seed: int = 0,
+) -> None:
+    """Time the bundle's inference and the reference pipeline on --num_cases cases of --dataset_dir (default: new
+    full-size synthetic ones) with --checkpoint. --levers: inference.yaml ids for the bundle only (e.g.
+    '{"precision": "fp32"}'); --overrides: ids for both, to describe the network (e.g. '{"feature_size": 12,
+    "spacing": [2, 2, 2], "roi_size": [96, 96, 96]}'); --shape: the synthetic cases' grid."""
+    with exit_on_input_error(), tempfile.TemporaryDirectory(prefix="benchmark_inference_") as work_dir:
+        if not Path(checkpoint).is_file():
+            raise InputError(f"{checkpoint}: no such checkpoint (pass --checkpoint, a trained model.pt)")
+        if dataset_dir is None:
+            shape = tuple(int(size) for size in shape)
+            dataset_dir = generate_dataset(Path(work_dir) / "cases", 0, num_cases, seed, shape)["validation_dir"]
+        cases = cases_in_folder(dataset_dir)[:num_cases]
+        benchmark(checkpoint, cases, Path(work_dir), levers, overrides)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
