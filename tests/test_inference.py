@@ -29,7 +29,13 @@ from scripts.cases import MODALITIES, case_file_name
 from scripts.checkpoints import load_network_weights
 from scripts.errors import InputError
 from scripts.evaluate import evaluate_folders
-from scripts.inference import EnsembleInferer, autocast_dtype, cases_in_folder, write_label_like
+from scripts.inference import (
+    EnsembleInferer,
+    autocast_dtype,
+    cases_in_folder,
+    chunk_window_attention,
+    write_label_like,
+)
 from scripts.labels import get_scheme
 from scripts.postprocess import MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
 from scripts.synthetic import make_case
@@ -452,6 +458,31 @@ def test_levers_keep_the_probabilities_float32_and_close_to_the_reference():
         assert probabilities.dtype == torch.float32
         torch.testing.assert_close(probabilities, reference, rtol=0, atol=tolerance)
     assert not torch.equal(swin_window_outputs(precision="bf16"), reference)  # bf16 did run
+
+
+def test_window_attention_in_chunks_gives_the_same_output_to_the_bit():
+    torch.manual_seed(0)
+    network = SwinUNETR(in_channels=4, out_channels=3, feature_size=TINY_FEATURE_SIZE).eval()
+    names = list(network.state_dict())
+    # Two images, as windows of a batch: stage 1 has 125 attention windows per image, shifted (masked) and not.
+    image = torch.randn(2, 4, 64, 64, 64)
+    with torch.no_grad():
+        reference = network(image)
+        calls = []
+        for module in chunk_window_attention(network, 16).modules():
+            if hasattr(module, "_forward_all_windows"):
+                whole = module._forward_all_windows
+                module._forward_all_windows = lambda x, mask, whole=whole: calls.append(len(x)) or whole(x, mask)
+        chunked = network(image)
+    assert torch.equal(chunked, reference)
+    attentions = sum(hasattr(module, "_forward_all_windows") for module in network.modules())
+    assert max(calls) <= 2 * 16 and len(calls) > 8 * attentions // 2  # stage 1: 8 chunks of its 125 windows
+    assert list(network.state_dict()) == names  # checkpoints load as before
+    chunk_window_attention(network, None)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(network(image), reference)
+    assert max(calls) == 2 * 125 and len(calls) == attentions  # all windows at once again, as MONAI runs them
 
 
 def test_config_with_mirror_tta_and_two_checkpoints(geometry_dataset, brats_dataset, detector_checkpoint, tmp_path):
