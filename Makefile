@@ -12,7 +12,8 @@ MODEL_CONFIGS_swin_unetr := 'configs/demo.yaml'
 MODEL_CONFIGS_unet2d := 'configs/demo.yaml', 'configs/unet2d.yaml'
 MODEL_CONFIGS := $(or $(MODEL_CONFIGS_$(MODEL)),$(error MODEL must be swin_unetr or unet2d, not $(MODEL)))
 DEMO_CONFIGS := "['configs/train.yaml', $(MODEL_CONFIGS)]"
-DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', $(MODEL_CONFIGS), 'configs/evaluate.yaml']"
+# The model's configs after evaluate.yaml, so that their evaluation settings (the demo's post-processing) hold.
+DEMO_EVALUATE_CONFIGS := "['configs/train.yaml', 'configs/evaluate.yaml', $(MODEL_CONFIGS)]"
 
 .PHONY: setup demo test lint clean-demo monailabel-setup monailabel-check
 

@@ -65,13 +65,12 @@ class LabelScheme:
     def channel_index(self, region: str) -> int:
         return self.channels.index(region)
 
-    def crop_ratios(self, enhancing_weight: float = 1.0) -> list[float]:
-        """Weight of each label value 0..max as a crop centre (RandCropByLabelClassesd `ratios`): 1 for background
-        and every label, `enhancing_weight` for enhancing tumour, 0 for values the scheme does not use."""
-        return [
-            enhancing_weight if value == self.enhancing_label else float(value in self.values)
-            for value in range(max(self.values) + 1)
-        ]
+    def crop_ratios(self, enhancing_weight: float = 1.0, background_weight: float = 1.0) -> list[float]:
+        """Weight of each label value 0..max as a crop centre (RandCropByLabelClassesd `ratios`): `background_weight`
+        for background, `enhancing_weight` for enhancing tumour, 1 for every other label and 0 for values the scheme
+        does not use."""
+        weights = {0: background_weight, self.enhancing_label: enhancing_weight}
+        return [weights.get(value, float(value in self.values)) for value in range(max(self.values) + 1)]
 
     def region_mask(self, label: NdarrayOrTensor, region: str) -> NdarrayOrTensor:
         """Boolean mask of `region` in a label map."""

@@ -65,6 +65,8 @@ def test_crop_ratios_follow_the_label_values():
     assert get_scheme("brats2023_ped").crop_ratios(2.0) == [1, 1, 1, 2]
     assert get_scheme("brats2024_ped").crop_ratios(2.0) == [1, 2, 1, 1, 1]
     assert get_scheme("brats2021").crop_ratios(2.0) == [1, 1, 1, 0, 2]
+    assert get_scheme("brats2023_ped").crop_ratios(3.0, background_weight=2.5) == [2.5, 1, 1, 3]
+    assert get_scheme("brats2024_ped").crop_ratios(1.0, background_weight=0.5) == [0.5, 1, 1, 1, 1]
 
 
 def test_dictionary_transforms_keep_metadata_and_types():
