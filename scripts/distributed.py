@@ -76,5 +76,10 @@ def agree(value: Any, what: str, hint: str = "") -> Any:
 
 
 def destroy_process_group() -> None:
+    """Leave the process group once every process has got here: a process that tore down its gloo connections while
+    another was still finishing its last collective made that one abort ("terminate called without an active
+    exception"), failing a run that had succeeded. A process that failed never gets here, and torchrun stops the
+    others then."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
