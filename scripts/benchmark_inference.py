@@ -17,9 +17,7 @@ Agreement means something only with a trained network: random weights predict no
 
 from __future__ import annotations
 
-import multiprocessing
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import fire
@@ -30,6 +28,7 @@ from monai.bundle import ConfigParser
 from scripts.errors import InputError, exit_on_input_error
 from scripts.inference import cases_in_folder
 from scripts.labels import get_scheme
+from scripts.resources import in_fresh_process
 from scripts.synthetic import BRATS_SHAPE, generate_dataset
 
 INFERENCE_CONFIG = str(Path(__file__).parents[1] / "configs" / "inference.yaml")
@@ -53,12 +52,6 @@ def predict_case(config_file: str, overrides: dict, case: dict, output_dir: str)
     parser.get_parsed_content("initialize")
     summary = parser.get_parsed_content("evaluator").run()
     return {"seconds": summary["seconds_per_case"], "peak_ram_gb": summary["peak_ram_gb"]}
-
-
-def in_fresh_process(function, *args):
-    """`function(*args)` in a new process, so that its peak RSS is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
 
 
 def region_dice(first: np.ndarray, second: np.ndarray, label_scheme: str) -> dict[str, float]:

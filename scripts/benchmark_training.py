@@ -14,11 +14,9 @@ part of a training iteration). --overrides override both configs, as --KEY VALUE
 
 from __future__ import annotations
 
-import multiprocessing
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from monai.bundle import ConfigWorkflow
 from scripts.errors import InputError, exit_on_input_error
 from scripts.labels import DEFAULT_SCHEME
 from scripts.prepare_datalist import make_datalist, write_json_atomic
-from scripts.resources import peak_memory
+from scripts.resources import in_fresh_process, peak_memory
 from scripts.synthetic import BRATS_SHAPE, generate_dataset
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
@@ -216,13 +214,12 @@ def main(
                 "val_interval": "$@num_epochs + 1",
             }
             for name in names:
-                # A fresh process per config (spawned: a forked one would inherit this one's memory and threads).
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as process:
-                    run = {**settings, "output_dir": str(Path(work) / name)}
-                    try:
-                        results.append(process.submit(measure, name, run, iterations, warmup_iterations).result())
-                    except BrokenProcessPool:
-                        sys.exit(f"error: {name}: its training process was killed (out of memory?); nothing measured")
+                # A fresh process per config, so that its peak RAM is its own.
+                run = {**settings, "output_dir": str(Path(work) / name)}
+                try:
+                    results.append(in_fresh_process(measure, name, run, iterations, warmup_iterations))
+                except BrokenProcessPool:
+                    sys.exit(f"error: {name}: its training process was killed (out of memory?); nothing measured")
 
     shape = "x".join(map(str, BRATS_SHAPE))
     print(

@@ -3,7 +3,9 @@ training, inference.json of evaluation)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import resource
+from concurrent.futures import ProcessPoolExecutor
 
 import ignite.distributed as idist
 import torch
@@ -21,3 +23,10 @@ def peak_memory(of_all_processes: bool = False) -> dict[str, float | str]:
         ram, largest_gpu = idist.all_reduce(peaks, op="MAX").tolist()
         gpu = None if gpu is None else largest_gpu
     return {"peak_ram_gb": round(ram / 1e9, 2), "peak_gpu_gb": "" if gpu is None else round(gpu / 1e9, 2)}
+
+
+def in_fresh_process(function, *args):
+    """`function(*args)` in a new spawned process, so that its peak RSS is its own (a forked one would inherit this
+    one's memory and threads); a process killed meanwhile (out of memory) raises BrokenProcessPool."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
