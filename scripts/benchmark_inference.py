@@ -10,6 +10,10 @@ the allocator kept from the previous case still counts as resident. Seconds are 
 reading, preprocessing, network, post-processing and writing of the case.
 
     python -m scripts.benchmark_inference --checkpoint models/fold0/model.pt [--num_cases 2] [--dataset_dir DIR]
+        [--variants '{"128 cube": {"val_roi_size": [128, 128, 128]}}']
+
+--variants: more settings of the bundle, each run on the same cases and compared with the same reference run, so that
+what each lever changes (seconds, RAM, agreement) is measured without rerunning the slow reference.
 
 Without --dataset_dir, full-size synthetic cases (240 x 240 x 155, scripts.synthetic) are made in a temporary folder.
 Agreement means something only with a trained network: random weights predict no stable tumour.
@@ -32,8 +36,10 @@ from scripts.resources import in_fresh_process
 from scripts.synthetic import BRATS_SHAPE, generate_dataset
 
 INFERENCE_CONFIG = str(Path(__file__).parents[1] / "configs" / "inference.yaml")
-# A tutorial-style pipeline: the whole volume in 4 windows per pass at overlap 0.5, in float32, one thread per core.
+# A tutorial-style pipeline: the whole volume in windows of the training crop, 4 per pass at overlap 0.5, in float32,
+# one thread per core, glibc's malloc as it comes.
 REFERENCE = {
+    "val_roi_size": "$@roi_size",
     "precision": "fp32",
     "channels_last": False,
     "crop_to_brain": False,
@@ -41,6 +47,7 @@ REFERENCE = {
     "sw_overlap": 0.5,
     "flash_attention": False,
     "threads": None,
+    "return_freed_memory": False,
 }
 
 
@@ -66,6 +73,10 @@ def region_dice(first: np.ndarray, second: np.ndarray, label_scheme: str) -> dic
     return dice
 
 
+def dice_text(dice: dict[str, float]) -> str:
+    return "Dice " + " ".join(f"{region} {value:.4f}" for region, value in dice.items())
+
+
 def benchmark(
     checkpoint: str,
     cases: list[dict],
@@ -73,27 +84,45 @@ def benchmark(
     levers: dict | None = None,
     overrides: dict | None = None,
     config_file: str = INFERENCE_CONFIG,
+    variants: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Both pipelines on every case, printing a row per case and a last line with both mean times and their ratio;
-    returns the rows."""
+    """Both pipelines, and each variant of the bundle, on every case, printing a row per case (and one per variant),
+    a line per variant with its mean time, and a last line with both mean times and their ratio; returns the rows,
+    each variant's under `variants`."""
     common = {**(overrides or {}), "checkpoints": [str(checkpoint)]}
     pipelines = {"bundle": {**common, **(levers or {})}, "reference": {**common, **REFERENCE}}
+    variants = {name: {**common, **settings} for name, settings in (variants or {}).items()}
     label_scheme = ConfigParser.load_config_file(config_file).get("label_scheme")
     label_scheme = common.get("label_scheme", label_scheme)
+
+    def run(name: str, settings: dict, case: dict) -> tuple[dict, np.ndarray]:
+        """Seconds and peak RAM of one pipeline on the case, and its label map."""
+        output_dir = work_dir / name
+        outcome = in_fresh_process(predict_case, config_file, settings, case, str(output_dir))
+        return outcome, np.asarray(nib.load(output_dir / f"{case['case']}.nii.gz").dataobj)
+
     rows = []
     for case in cases:
-        row = {"case": case["case"]}
-        for name, settings in pipelines.items():
-            row[name] = in_fresh_process(predict_case, config_file, settings, case, str(work_dir / name))
-        labels = [np.asarray(nib.load(work_dir / name / f"{case['case']}.nii.gz").dataobj) for name in pipelines]
-        row["dice"] = region_dice(*labels, label_scheme)
+        row = {"case": case["case"], "variants": {}}
+        (row["bundle"], bundle_labels), (row["reference"], reference_labels) = (
+            run(name, settings, case) for name, settings in pipelines.items()
+        )
+        row["dice"] = region_dice(bundle_labels, reference_labels, label_scheme)
         rows.append(row)
         print(
             f"{row['case']}  bundle {row['bundle']['seconds']:.1f} s {row['bundle']['peak_ram_gb']:.2f} GB  "
-            f"reference {row['reference']['seconds']:.1f} s {row['reference']['peak_ram_gb']:.2f} GB  Dice "
-            + " ".join(f"{region} {value:.4f}" for region, value in row["dice"].items()),
+            f"reference {row['reference']['seconds']:.1f} s {row['reference']['peak_ram_gb']:.2f} GB  "
+            + dice_text(row["dice"]),
             flush=True,
         )
+        for index, (name, settings) in enumerate(variants.items()):
+            outcome, labels = run(f"variant{index}", settings, case)
+            outcome["dice"] = region_dice(labels, reference_labels, label_scheme)
+            row["variants"][name] = outcome
+            resources = f"{outcome['seconds']:.1f} s {outcome['peak_ram_gb']:.2f} GB"
+            print(f"  {name}  {resources}  " + dice_text(outcome["dice"]), flush=True)
+    for name in variants:
+        print(f"{name} {np.mean([row['variants'][name]['seconds'] for row in rows]):.1f} s per case")
     bundle, reference = (np.mean([row[name]["seconds"] for row in rows]) for name in pipelines)
     print(f"bundle {bundle:.1f} s per case, reference {reference:.1f} s per case: {reference / bundle:.2f}x faster")
     return rows
@@ -107,11 +136,14 @@ def main(
     overrides: dict | None = None,
     shape: str | tuple = BRATS_SHAPE,
     seed: int = 0,
+    variants: dict[str, dict] | None = None,
 ) -> None:
     """Time the bundle's inference and the reference pipeline on --num_cases cases of --dataset_dir (default: new
     full-size synthetic ones) with --checkpoint. --levers: inference.yaml ids for the bundle only (e.g.
     '{"precision": "fp32"}'); --overrides: ids for both, to describe the network (e.g. '{"feature_size": 12,
-    "spacing": [2, 2, 2], "roi_size": [96, 96, 96]}'); --shape: the synthetic cases' grid."""
+    "spacing": [2, 2, 2], "roi_size": [96, 96, 96]}'); --shape: the synthetic cases' grid; --variants: named sets of
+    ids for further runs of the bundle, each compared with the same reference (e.g. '{"fp32": {"precision":
+    "fp32"}}')."""
     with exit_on_input_error(), tempfile.TemporaryDirectory(prefix="benchmark_inference_") as work_dir:
         if not Path(checkpoint).is_file():
             raise InputError(f"{checkpoint}: no such checkpoint (pass --checkpoint, a trained model.pt)")
@@ -119,7 +151,7 @@ def main(
             shape = tuple(int(size) for size in shape)
             dataset_dir = generate_dataset(Path(work_dir) / "cases", 0, num_cases, seed, shape)["validation_dir"]
         cases = cases_in_folder(dataset_dir)[:num_cases]
-        benchmark(checkpoint, cases, Path(work_dir), levers, overrides)
+        benchmark(checkpoint, cases, Path(work_dir), levers, overrides, variants=variants)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ import pytest
 from scripts.benchmark_inference import REFERENCE, main, region_dice
 from tests.conftest import SMALL_SHAPE, TINY_FEATURE_SIZE
 
-TINY_NETWORK = {"feature_size": TINY_FEATURE_SIZE, "spacing": [4.0, 4.0, 4.0], "roi_size": [64, 64, 64]}
+TINY_NETWORK = {
+    "feature_size": TINY_FEATURE_SIZE,
+    "spacing": [4.0, 4.0, 4.0],
+    "roi_size": [64, 64, 64],
+    "val_roi_size": [64, 64, 64],
+}
 NUMBER = r"(\d+\.\d+)"
 
 
@@ -31,9 +36,17 @@ def test_pipelines_that_are_the_same_agree_exactly_and_rows_are_printed(tiny_swi
         levers=REFERENCE,
         overrides=TINY_NETWORK,
         shape=SMALL_SHAPE,
+        variants={"fp32 cube": REFERENCE, "no tumour": {"min_component_voxels": 10**9}},
     )
-    *rows, last = capsys.readouterr().out.strip().splitlines()
+    *rows, same_variant, other_variant, same_mean, other_mean, last = capsys.readouterr().out.strip().splitlines()
     (row,) = rows
+    # Each variant against the same reference: the same settings agree exactly, a post-processing that removes
+    # every tumour does not (the tiny network marks some).
+    variant = rf"  {{}}  {NUMBER} s {NUMBER} GB  Dice TC {NUMBER} WT {NUMBER} ET {NUMBER}"
+    assert re.fullmatch(variant.format("fp32 cube"), same_variant).groups()[2:] == ("1.0000",) * 3
+    assert re.fullmatch(variant.format("no tumour"), other_variant).groups()[3] == "0.0000"
+    assert re.fullmatch(rf"fp32 cube {NUMBER} s per case", same_mean)
+    assert re.fullmatch(rf"no tumour {NUMBER} s per case", other_mean)
     pattern = (
         rf"BraTS-PED-\d{{5}}-000  bundle {NUMBER} s {NUMBER} GB  reference {NUMBER} s {NUMBER} GB  "
         rf"Dice TC {NUMBER} WT {NUMBER} ET {NUMBER}"
