@@ -122,11 +122,32 @@ class SmallEnhancingToNecrosisd(MapTransform):
         return d
 
 
+def nonzero_anywhere(image: NdarrayOrTensor) -> NdarrayOrTensor:
+    """One boolean channel: where any channel of `image` (channels first) is not 0."""
+    return (image != 0).any(0, keepdims=True) if isinstance(image, np.ndarray) else (image != 0).any(0, keepdim=True)
+
+
+class BrainMaskd(MapTransform):
+    """Keep where any channel of each key is not 0 (the skull-stripped brain of an input as loaded) under the
+    matching name of `names`, for MaskOutsideInputd at the end: one boolean channel rather than a copy of the four
+    float32 ones (143 MB of a 240 x 240 x 155 case that would stay in RAM while the network runs)."""
+
+    def __init__(self, keys: KeysCollection, names: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.names = [names] if isinstance(names, str) else list(names)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key, name in self.key_iterator(d, self.names):
+            d[name] = nonzero_anywhere(d[key])
+        return d
+
+
 class MaskOutsideInputd(MapTransform):
     """Zero predictions wherever every channel of `source_key` is 0: outside the skull-stripped brain
     there is no tumour, yet a network may mark speckles there (notably along the brain's edge once a
     coarse prediction is resampled back), which the lesion-wise metrics count as false positives.
-    Needs the prediction and the source on the same grid: the input as loaded, after inversion."""
+    Needs the prediction and the source on the same grid: the input as loaded (or its BrainMaskd), after inversion."""
 
     def __init__(self, keys: KeysCollection, source_key: str = "image", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -134,7 +155,7 @@ class MaskOutsideInputd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
-        inside = (d[self.source_key] != 0).any(0, keepdim=True)
+        inside = nonzero_anywhere(d[self.source_key])
         for key in self.key_iterator(d):
             d[key] = d[key] * convert_to_dst_type(inside, dst=d[key])[0]
         return d

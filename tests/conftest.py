@@ -36,6 +36,8 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_TRAINING = {
     "spacing": [4.0, 4.0, 4.0],
     "roi_size": [64, 64, 64],
+    # Evaluation's window would otherwise be inference's CPU default, sized for a full-size case.
+    "val_roi_size": [64, 64, 64],
     "feature_size": 12,
     "use_checkpoint": False,
     "crops_per_case": 1,

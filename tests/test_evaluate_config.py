@@ -89,7 +89,10 @@ def test_evaluation_predicts_exactly_what_inference_does(trained_fold, synthetic
     inference = ConfigWorkflow(
         config_file=INFERENCE_CONFIG,
         workflow_type="infer",
-        **{name: TINY_TRAINING[name] for name in ("spacing", "roi_size", "feature_size", "sw_batch_size")},
+        **{
+            name: TINY_TRAINING[name]
+            for name in ("spacing", "roi_size", "val_roi_size", "feature_size", "sw_batch_size")
+        },
         **options,
         checkpoints=[str(output_dir / "model.pt")],
         dataset_dir=str(cases_dir),

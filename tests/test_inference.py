@@ -37,7 +37,7 @@ from scripts.inference import (
     write_label_like,
 )
 from scripts.labels import get_scheme
-from scripts.postprocess import MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
+from scripts.postprocess import BrainMaskd, MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
 from scripts.synthetic import make_case
 from tests.conftest import (
     INFERENCE_CONFIG,
@@ -49,7 +49,13 @@ from tests.conftest import (
 )
 
 # No post-processing file (models/postprocessing.json, scripts.tune_postprocessing) of the checkout is read.
-TINY_INFERENCE = {"spacing": [4.0, 4.0, 4.0], "roi_size": [64, 64, 64], "sw_batch_size": 1, "postprocessing_file": None}
+TINY_INFERENCE = {
+    "spacing": [4.0, 4.0, 4.0],
+    "roi_size": [64, 64, 64],
+    "val_roi_size": [64, 64, 64],
+    "sw_batch_size": 1,
+    "postprocessing_file": None,
+}
 # Where the network does not matter (geometry, bad cases, reruns) a 1x1x1 convolution stands in for
 # Swin UNETR: with DETECTOR weights it marks TC and ET where the z-scored T1c is bright and WT where
 # FLAIR is: a crude tumour detector, enough to show a mirrored or misplaced output.
@@ -593,6 +599,11 @@ def test_predictions_outside_the_brain_are_removed():
     inside = (image != 0).any(0)
     assert torch.equal(pred, inside.expand(3, -1, -1, -1).float())
     assert pred[:, 0, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    # The brain mask kept in place of the input: one boolean channel, the same result.
+    brain = BrainMaskd(keys="image", names="brain")({"image": image})["brain"]
+    assert brain.shape == (1, 5, 5, 5) and brain.dtype == torch.bool
+    masked = MaskOutsideInputd(keys="pred", source_key="brain")({"pred": torch.ones(3, 5, 5, 5), "brain": brain})
+    assert torch.equal(masked["pred"], pred)
 
 
 # Checkpoints.

@@ -25,7 +25,7 @@ UNET2D_CONFIG = str(REPOSITORY / "configs" / "unet2d.yaml")
 EVALUATE_CONFIG = str(REPOSITORY / "configs" / "evaluate.yaml")
 TINY_FEATURES = [4, 4, 8, 8, 16, 4]
 # The tiny 3D settings without the 3D crop: unet2d.yaml sets its own slice crops and windows.
-TINY_2D = {key: value for key, value in TINY_TRAINING.items() if key != "roi_size"} | {
+TINY_2D = {key: value for key, value in TINY_TRAINING.items() if key not in ("roi_size", "val_roi_size")} | {
     "unet_features": TINY_FEATURES,
     "crops_per_case": 3,
 }
@@ -96,7 +96,7 @@ def unet2d_fold(synthetic_dataset, synthetic_datalist, tmp_path_factory):
     assert training.check_properties() == []
     training.run()
     evaluation = ConfigWorkflow(
-        config_file=[TRAIN_CONFIG, UNET2D_CONFIG, EVALUATE_CONFIG], workflow_type="infer", **settings
+        config_file=[TRAIN_CONFIG, EVALUATE_CONFIG, UNET2D_CONFIG], workflow_type="infer", **settings
     )
     evaluation.initialize()
     evaluation.run()
