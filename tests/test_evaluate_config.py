@@ -105,3 +105,27 @@ def test_evaluation_predicts_exactly_what_inference_does(trained_fold, synthetic
         inferred = nib.load(tmp_path / "inference" / f"{case['case']}.nii.gz")
         np.testing.assert_array_equal(np.asanyarray(evaluated.dataobj), np.asanyarray(inferred.dataobj))
         np.testing.assert_array_equal(evaluated.affine, inferred.affine)
+
+
+def test_evaluation_runs_inferences_speed_options_unless_a_model_config_sets_its_own():
+    """Evaluation times and scores inference as it runs on this device (its window, precision, batch of windows);
+    a model config layered last (the 2D U-Net's) keeps its own window."""
+    inference = ConfigParser.load_config_file(INFERENCE_CONFIG)
+    evaluation = ConfigParser()
+    evaluation.read_config([TRAIN_CONFIG, EVALUATE_CONFIG])
+    evaluation.parse()
+    options = (
+        "val_roi_size",
+        "sw_batch_size",
+        "precision",
+        "channels_last",
+        "attention_windows",
+        "return_freed_memory",
+    )
+    for option in options:
+        assert evaluation.get(option) == inference[option], option
+    unet2d_config = TRAIN_CONFIG.replace("train.yaml", "unet2d.yaml")
+    unet2d = ConfigParser()
+    unet2d.read_config([TRAIN_CONFIG, EVALUATE_CONFIG, unet2d_config])
+    unet2d.parse()
+    assert unet2d.get("val_roi_size") == ConfigParser.load_config_file(unet2d_config)["val_roi_size"]
