@@ -40,9 +40,10 @@ def test_disk_cache_trains_as_the_memory_cache(synthetic_dataset, synthetic_data
     assert {path: path.stat().st_mtime_ns for path in cache_dir.iterdir()} == files  # read, not written again
     assert 0.0 < metrics["val_mean_dice"] < 1.0
     for name, (other_weights, other_metrics) in runs.items():
-        assert other_metrics == metrics, name
-        # Two memory-cache runs already differ by about 1e-7 here (threaded float sums on the CPU); an epoch's
-        # Adam steps move weights by about 1e-5 and more, so training on other crops would show.
+        # Two memory-cache runs already differ by about 1e-7 here (threaded float sums on the CPU), which can move a
+        # voxel across the threshold: one CI run saw WT Dice 0.0510393 against 0.0510375. An epoch's Adam steps move
+        # weights by about 1e-5 and more, so training on other crops would show in the weights.
+        assert other_metrics == pytest.approx(metrics, rel=1e-3), name
         assert all(torch.allclose(weights[key], other_weights[key], rtol=0, atol=1e-6) for key in weights), name
 
 
