@@ -44,17 +44,14 @@ from tests.conftest import (
     REPOSITORY,
     SMALL_SHAPE,
     TINY_FEATURE_SIZE,
+    TINY_TRAINING,
     kill_while_writing,
     leave_a_temporary,
 )
 
 # No post-processing file (models/postprocessing.json, scripts.tune_postprocessing) of the checkout is read.
-TINY_INFERENCE = {
-    "spacing": [4.0, 4.0, 4.0],
-    "roi_size": [64, 64, 64],
-    "val_roi_size": [64, 64, 64],
-    "sw_batch_size": 1,
-    "postprocessing_file": None,
+TINY_INFERENCE = {name: TINY_TRAINING[name] for name in ("spacing", "roi_size", "val_roi_size", "sw_batch_size")} | {
+    "postprocessing_file": None
 }
 # Where the network does not matter (geometry, bad cases, reruns) a 1x1x1 convolution stands in for
 # Swin UNETR: with DETECTOR weights it marks TC and ET where the z-scored T1c is bright and WT where
