@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from scripts.cases import (
     survey_folders,
 )
 from scripts.errors import InputError, problem_lines
+from scripts.openvino_network import OpenVINONetwork, require_openvino
 from scripts.prepare_datalist import load_json
 from scripts.resources import peak_memory
 
@@ -138,6 +140,7 @@ def _as_is(item):
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("torch", "openvino")
 
 
 def _attention_in_chunks(attention: WindowAttention, windows: int, x: torch.Tensor, mask: torch.Tensor | None):
@@ -208,7 +211,9 @@ class EnsembleInferer(Inferer):
     every combination of flips along `mirror_axes` (spatial axes 0-2), as nnU-Net's mirror TTA.
     The network runs at `precision` (autocast; see `autocast_dtype`) and, with `channels_last`, on channels-last
     tensors (oneDNN's faster 3D convolutions on a CPU); probabilities and their blending stay float32. Swin window
-    attention runs over at most `attention_windows` windows at a time (`chunk_window_attention`)."""
+    attention runs over at most `attention_windows` windows at a time (`chunk_window_attention`).
+    `backend` "openvino" runs each network in OpenVINO on the CPU instead, at the same precision, with `threads`
+    and `openvino_cache_dir` (scripts.openvino_network); channels_last and attention_windows are torch's levers."""
 
     def __init__(
         self,
@@ -218,8 +223,15 @@ class EnsembleInferer(Inferer):
         precision: str = "fp32",
         channels_last: bool = False,
         attention_windows: int | None = None,
+        backend: str = "torch",
+        threads: int | None = None,
+        openvino_cache_dir: str | Path | None = None,
     ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend is one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "openvino":
+            require_openvino()  # before the first case
         if any(axis not in (0, 1, 2) for axis in mirror_axes):
             raise ValueError(f"mirror_axes are spatial axes among 0, 1, 2, got {list(mirror_axes)}")
         autocast_dtype(precision, "cpu", native_bf16=False)  # an unknown precision fails here, not at the first case
@@ -228,12 +240,21 @@ class EnsembleInferer(Inferer):
         self.precision = precision
         self.channels_last = channels_last
         self.attention_windows = attention_windows
+        self.backend = backend
+        self.threads = threads
+        self.openvino_cache_dir = openvino_cache_dir
+        # Each network's OpenVINO model, kept from case to case while the network lives.
+        self._openvino: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         axes = sorted({axis + 2 for axis in mirror_axes})  # batch and channel come first
         self.flips = [list(dims) for n in range(len(axes) + 1) for dims in itertools.combinations(axes, n)]
 
     def _at_precision(self, network: Callable, device_type: str) -> Callable:
         """`network` run at this inferer's precision and memory format, returning float32."""
         dtype = autocast_dtype(self.precision, device_type)
+        if self.backend == "openvino":
+            if network not in self._openvino:
+                self._openvino[network] = OpenVINONetwork(network, dtype, self.threads, self.openvino_cache_dir)
+            return self._openvino[network]
         if isinstance(network, torch.nn.Module):
             chunk_window_attention(network, self.attention_windows)
 

@@ -121,6 +121,9 @@ def test_evaluation_runs_inferences_speed_options_unless_a_model_config_sets_its
         "channels_last",
         "attention_windows",
         "return_freed_memory",
+        "threads",
+        "backend",
+        "openvino_cache_dir",
     )
     for option in options:
         assert evaluation.get(option) == inference[option], option

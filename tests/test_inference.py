@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
-from monai.inferers import SimpleInferer
+from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.networks.nets import SwinUNETR
 from monai.optimizers import WarmupCosineSchedule
 from monai.transforms import Compose, CropForegroundd, Invertd
@@ -37,6 +37,7 @@ from scripts.inference import (
     write_label_like,
 )
 from scripts.labels import get_scheme
+from scripts.openvino_network import OpenVINONetwork
 from scripts.postprocess import BrainMaskd, MaskOutsideInputd, RemoveSmallComponentsd, SmallEnhancingToNecrosisd
 from scripts.synthetic import make_case
 from tests.conftest import (
@@ -461,6 +462,62 @@ def test_levers_keep_the_probabilities_float32_and_close_to_the_reference():
         assert probabilities.dtype == torch.float32
         torch.testing.assert_close(probabilities, reference, rtol=0, atol=tolerance)
     assert not torch.equal(swin_window_outputs(precision="bf16"), reference)  # bf16 did run
+
+
+def test_openvino_backend_computes_torchs_probabilities():
+    reference = swin_window_outputs()
+    probabilities = swin_window_outputs(backend="openvino")
+    assert probabilities.dtype == torch.float32 and not torch.equal(probabilities, reference)  # OpenVINO did run
+    torch.testing.assert_close(probabilities, reference, rtol=0, atol=1e-4)
+    in_bf16 = swin_window_outputs(backend="openvino", precision="bf16")
+    torch.testing.assert_close(in_bf16, reference, rtol=0, atol=0.03)
+    if inference.cpu_has_native_bf16():  # elsewhere OpenVINO computes in fp32 whatever the hint
+        assert not torch.equal(in_bf16, probabilities)
+
+
+def test_openvino_backend_follows_weights_loaded_into_the_same_network(caplog):
+    """As under MONAI Label, which loads another model file into the network it hands the inferer; three windows in
+    batches of two: the last batch of one runs through the same converted model."""
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(4, 3, kernel_size=3, padding=1).eval()
+    image = torch.randn(1, 4, 32, 16, 16)
+    window = SlidingWindowInferer(roi_size=16, sw_batch_size=2, overlap=0.5)
+    openvino = EnsembleInferer(window, backend="openvino")
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="scripts.openvino_network"):
+        first = openvino(image, network)
+        torch.testing.assert_close(first, EnsembleInferer(window)(image, network), rtol=0, atol=1e-5)
+        network.load_state_dict({name: -value for name, value in network.state_dict().items()})
+        second = openvino(image, network)
+        torch.testing.assert_close(second, EnsembleInferer(window)(image, network), rtol=0, atol=1e-5)
+        torch.testing.assert_close(second, 1 - first, rtol=0, atol=1e-5)  # sigmoid(-x): the new weights ran
+        openvino(image, network)
+    compiled = [record for record in caplog.records if "converted and compiled" in record.message]
+    assert len(compiled) == 2 and all("for windows of [16, 16, 16]" in record.message for record in compiled)
+
+
+def test_openvino_backend_writes_the_labels_of_the_torch_backend(brats_dataset, detector_checkpoint, tmp_path):
+    for backend in ("torch", "openvino"):
+        summary = run_inference(
+            tmp_path / backend, [detector_checkpoint], dataset_dir=str(brats_dataset), backend=backend, precision="fp32"
+        )
+        assert summary["written"] == 1 and summary["failed"] == []
+    labels = {backend: label_data(tmp_path / backend / f"{CASES['brats']}.nii.gz") for backend in ("torch", "openvino")}
+    assert np.count_nonzero(labels["torch"]) > 0
+    assert np.mean(labels["openvino"] != labels["torch"]) < 1e-5  # a voxel on the threshold may go either way
+
+
+def test_backend_openvino_without_openvino_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an import finds when the package is absent
+    with pytest.raises(InputError, match=r"pip install openvino==\d"):
+        EnsembleInferer(SimpleInferer(), backend="openvino")
+    with pytest.raises(ValueError, match="backend is one of torch, openvino"):
+        EnsembleInferer(SimpleInferer(), backend="onnx")
+
+
+def test_openvino_backend_refuses_windows_off_the_cpu():
+    network = OpenVINONetwork(torch.nn.Conv3d(4, 3, kernel_size=1))
+    with pytest.raises(RuntimeError, match="runs the network on the CPU, but the windows are on meta"):
+        network(torch.zeros(1, 4, 8, 8, 8, device="meta"))
 
 
 def test_window_attention_in_chunks_gives_the_same_output_to_the_bit():
