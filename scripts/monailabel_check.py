@@ -38,7 +38,7 @@ from scripts.synthetic import generate_dataset
 BUNDLE_ROOT = Path(__file__).parents[1]
 BUNDLE_NAME = "brats_peds_swin_unetr_segmentation"
 BUNDLE_FILES = ("configs", "scripts", "docs", "LICENSE", "large_files.yml")
-# The demo network's settings (configs/demo.yaml): a few seconds per request on a CPU.
+# A small network (the demo's feature size, at 2 mm): a few seconds per request on a CPU.
 SMALL_NETWORK = {"spacing": [2.0, 2.0, 2.0], "roi_size": [64, 64, 64], "feature_size": 12, "sw_batch_size": 1}
 CASE_SHAPE = (96, 96, 64)
 START_TIMEOUT_S = 300

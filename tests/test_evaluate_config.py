@@ -120,6 +120,8 @@ def test_evaluation_runs_inferences_speed_options_unless_a_model_config_sets_its
         "precision",
         "channels_last",
         "attention_windows",
+        "flash_attention",
+        "num_workers",
         "return_freed_memory",
         "threads",
         "backend",
