@@ -140,9 +140,9 @@ def main(
 ) -> None:
     """Time the bundle's inference and the reference pipeline on --num_cases cases of --dataset_dir (default: new
     full-size synthetic ones) with --checkpoint. --levers: inference.yaml ids for the bundle only (e.g.
-    '{"precision": "fp32"}'); --overrides: ids for both, to describe the network (e.g. '{"feature_size": 12,
-    "spacing": [1.5, 1.5, 1.5], "roi_size": [64, 64, 64]}', the demo's); --shape: the synthetic cases' grid; --variants: named sets of
-    ids for further runs of the bundle, each compared with the same reference (e.g. '{"fp32": {"precision":
+    '{"precision": "fp32"}'); --overrides: ids for both, to describe the network (e.g. the demo's: '{"feature_size":
+    12, "spacing": [1.5, 1.5, 1.5], "roi_size": [64, 64, 64]}'); --shape: the synthetic cases' grid; --variants: named
+    sets of ids for further runs of the bundle, each compared with the same reference (e.g. '{"fp32": {"precision":
     "fp32"}}')."""
     with exit_on_input_error(), tempfile.TemporaryDirectory(prefix="benchmark_inference_") as work_dir:
         if not Path(checkpoint).is_file():
