@@ -66,18 +66,23 @@ def _print_briefly(kind: type[BaseException], error: BaseException, traceback: T
 def report_briefly(debug: bool = False) -> None:
     """From now on, an uncaught BundleError ends the process with its problem lines only (exit status 1).
 
-    Configs call this in `initialize`; with `debug` (or the environment variable) tracebacks stay as they are.
+    Configs call this in `initialize`; with `debug` (or the environment variable) tracebacks stay as they are, and
+    `debug` sets the variable, so that whatever reports a problem in this process or its workers shows them too.
     """
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"
     sys.excepthook = sys.__excepthook__ if debugging(debug) else _print_briefly
 
 
 @contextmanager
 def exit_on_input_error() -> Iterator[None]:
     """For the body of a command-line `main`: an InputError prints its problem lines ("error: ...") on stderr and
-    exits with status 1."""
+    exits with status 1; when debugging (the environment variable), it propagates with its traceback."""
     try:
         yield
     except InputError as error:
+        if debugging():
+            raise
         for line in error.problems:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(1)

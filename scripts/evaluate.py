@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from scripts.atomic import write_text_atomic
 from scripts.cases import find_case_dirs, volume_problem
-from scripts.errors import InputError
+from scripts.errors import InputError, debugging
 from scripts.labels import LabelScheme, get_scheme
 from scripts.metrics import CHALLENGES, METRIC_NAMES, compute_case_metrics, resolve_rules
 from scripts.report import write_report
@@ -315,7 +315,9 @@ def main(
     try:
         summary = evaluate_folders(str(pred_dir), str(gt_dir), str(output_dir), challenge, label_scheme, images_dir)
     except ValueError as error:  # bad inputs or an unknown challenge or scheme: the message says what to fix
-        sys.exit(f"evaluate: {error}")
+        if debugging():
+            raise
+        sys.exit(f"error: {error}")
     print(format_summary(summary))
 
 

@@ -43,7 +43,7 @@ from scripts.cases import (
     stacked_case_files,
     survey_folders,
 )
-from scripts.errors import InputError, problem_lines
+from scripts.errors import InputError, debugging, problem_lines
 from scripts.openvino_network import OpenVINONetwork, require_openvino
 from scripts.prepare_datalist import load_json
 from scripts.resources import peak_memory
@@ -115,7 +115,10 @@ def write_probabilities(
 
 
 def case_problem_lines(case: dict, error: BaseException) -> list[str]:
-    """The problem lines of `error`, each starting with the case id."""
+    """The problem lines of `error`, each starting with the case id; when debugging (`--debug true`), the error's
+    traceback is logged too."""
+    if debugging():
+        logger.error(f"{case['case']}: traceback of the problem below", exc_info=error)
     return [
         line if line.startswith(f"{case['case']}: ") else f"{case['case']}: {line}" for line in problem_lines(error)
     ]

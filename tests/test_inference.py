@@ -27,7 +27,7 @@ import scripts.inference as inference
 from scripts.atomic import is_temporary
 from scripts.cases import MODALITIES, case_file_name
 from scripts.checkpoints import load_network_weights
-from scripts.errors import InputError
+from scripts.errors import DEBUG_VARIABLE, InputError, find_bundle_error
 from scripts.evaluate import evaluate_folders
 from scripts.inference import (
     EnsembleInferer,
@@ -285,6 +285,34 @@ def test_bad_cases_are_reported_and_skipped(num_workers, source_case, detector_c
     assert "1 written, 0 already present (skipped), 5 failed" in caplog.text
     assert os.listdir(output_dir) == [f"{good}.nii.gz"]  # nothing partial or temporary
     assert_label_map_on_grid_of(output_dir / f"{good}.nii.gz", data / good / case_file_name(good, "t1c"))
+
+
+def test_debug_logs_the_traceback_of_a_failed_case(source_case, detector_checkpoint, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv(DEBUG_VARIABLE, "")  # the variable --debug sets, as it was before this test
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    images, _, affine = source_case
+    with_nan = images["t1c"].copy()
+    with_nan[10, 20, 5] = np.nan
+    volumes = {m: nifti(images[m], affine) for m in MODALITIES} | {"t1c": nifti(with_nan, affine)}
+    save_case(tmp_path / "data", "BraTS-PED-00205-000", volumes)
+    logger = logging.getLogger("scripts.inference")
+    tracebacks = {}
+    for debug in (False, True):
+        workflow = inference_workflow(
+            tmp_path / str(debug), [detector_checkpoint], dataset_dir=str(tmp_path / "data"), debug=debug
+        )
+        caplog.clear()
+        logger.addHandler(caplog.handler)  # the config's logging setup replaces the root handlers
+        try:
+            with pytest.raises(SystemExit, match="BraTS-PED-00205-000: .*1 non-finite voxels"):
+                workflow.run()
+        finally:
+            logger.removeHandler(caplog.handler)
+        tracebacks[debug] = [record for record in caplog.records if record.exc_info]
+    assert tracebacks[False] == []
+    (record,) = tracebacks[True]
+    assert record.message.startswith("BraTS-PED-00205-000: traceback")
+    assert isinstance(find_bundle_error(record.exc_info[1]), InputError)  # MONAI wraps it in a RuntimeError
 
 
 def test_worker_processes_predict_what_the_main_process_does(geometry_dataset, detector_checkpoint, tmp_path):

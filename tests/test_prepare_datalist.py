@@ -16,7 +16,7 @@ from monai.data import load_decathlon_datalist
 
 from scripts import prepare_datalist
 from scripts.cases import MODALITIES, TRAINING_FOLDER, VALIDATION_FOLDER, find_case_dirs
-from scripts.errors import InputError
+from scripts.errors import DEBUG_VARIABLE, InputError
 from scripts.prepare_datalist import (
     DatasetError,
     LabelSchemeError,
@@ -345,6 +345,12 @@ def test_missing_dataset_folder_is_reported_by_the_command(tmp_path, capsys):
         fire.Fire(main, command=["--dataset_dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "d.json")])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"error: dataset folder not found: {tmp_path / 'nowhere'}\n"
+
+
+def test_debugging_shows_the_commands_error_with_its_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv(DEBUG_VARIABLE, "1")
+    with pytest.raises(InputError, match="dataset folder not found"):
+        fire.Fire(main, command=["--dataset_dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "d.json")])
 
 
 @pytest.mark.parametrize(
