@@ -302,6 +302,7 @@ class CasePredictor:
         num_workers: int = 0,
         val_handlers: Sequence = (),
         score: Callable[[], dict] | None = None,
+        settings: dict | None = None,
     ):
         self.cases = list(cases)
         self.preprocessing = preprocessing
@@ -317,6 +318,7 @@ class CasePredictor:
         self.num_workers = num_workers
         self.val_handlers = list(val_handlers)
         self.score = score
+        self.settings = dict(settings or {})
         self.scores: dict | None = None
 
     def output_path(self, case: dict) -> Path:
@@ -451,6 +453,8 @@ class CasePredictor:
             "skipped_existing": sum(num_cases - pending for num_cases, pending, _, _, _ in outcomes),
             "failed": failed,
             "output_dir": str(self.output_dir),
+            # What the run was asked to do beyond the network (e.g. evaluation's post-processing), for later readers.
+            **({"settings": self.settings} if self.settings else {}),
             # Reading, preprocessing, network, post-processing and writing of a written case.
             "seconds_per_case": round(sum(seconds) / len(seconds), 2) if seconds else None,
             # Of the process that needed most.

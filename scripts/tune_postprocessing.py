@@ -8,8 +8,9 @@ python -m scripts.tune_postprocessing --dataset_dir DIR [--datalist configs/data
 The evaluations are what configs/evaluate.yaml wrote for each fold: a models folder (its evaluated folds
 ``fold*/evaluation``, found as ``scripts.summarize_folds`` finds them), fold folders or evaluation folders. Each case
 is read from ``<evaluation>/probabilities/<case>.npz`` (evaluate with ``--probabilities_dir`` pointing there) and
-thresholded at 0.5 as inference does, or else from its label map ``<evaluation>/predictions/<case>.nii.gz`` (which
-must then be the raw prediction, evaluation's default). Its ground truth is the label of that case in the datalist's
+thresholded at 0.5 as inference does, or else from its label map ``<evaluation>/predictions/<case>.nii.gz``, which
+must then be the raw prediction (evaluation's default): an evaluation whose ``inference.json`` records post-processing
+is refused for its cases without probabilities. Its ground truth is the label of that case in the datalist's
 fold the evaluation folder belongs to (``foldK``), so that every case is one the fold's model never trained on.
 
 Search, greedy as nnU-Net's: from all values at 0, each network region in turn gets the component size of
@@ -34,7 +35,7 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,9 @@ PROBABILITY_THRESHOLD = 0.5
 MAX_ROUNDS = 3
 DEFAULT_OUTPUT = "models/postprocessing.json"
 SOURCES = ("probabilities", "label map")
+# Where an evaluation records its settings (scripts.inference.CasePredictor), and those that change the label maps.
+INFERENCE_SUMMARY = "inference.json"
+POSTPROCESSING = ("min_component_voxels", "min_et_fraction")
 TABLE_METRICS = ("legacy_dice", "lesionwise_dice", "num_fp")
 
 
@@ -370,6 +374,29 @@ def crop_case(
     )
 
 
+def _postprocessed_label_maps(evaluations: Iterable[Path]) -> list[str]:
+    """A problem for each of `evaluations` whose label maps are read (no probabilities) but were post-processed, as
+    its inference.json records (evaluations that recorded nothing are taken as they are)."""
+    problems = []
+    for evaluation in dict.fromkeys(evaluations):
+        try:
+            settings = json.loads((evaluation / INFERENCE_SUMMARY).read_text()).get("settings", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        applied = {name: value for name, value in settings.items() if name in POSTPROCESSING and _nonzero(value)}
+        if applied:
+            listed = ", ".join(f"{name} {value}" for name, value in applied.items())
+            problems.append(
+                f"{evaluation}: its label maps were post-processed ({listed}) and it saved no probabilities to tune "
+                f"on: evaluate the fold again with --probabilities_dir {evaluation / PROBABILITIES_DIR}"
+            )
+    return problems
+
+
+def _nonzero(value: float | Sequence[float]) -> bool:
+    return any(value) if isinstance(value, list | tuple) else bool(value)
+
+
 def load_case(
     case: str, prediction: str, ground_truth: str, probabilities: Path, scheme: LabelScheme, margin: int
 ) -> CaseRegions:
@@ -429,6 +456,9 @@ def tune_postprocessing(
         pairs += [(fold.path.parent, *pair) for pair in fold_pairs]
         problems += fold_problems
     problems += check_case_pairs([pair[1:] for pair in pairs], scheme) if pairs else []
+    problems += _postprocessed_label_maps(
+        pair[0] for pair in pairs if not (pair[0] / PROBABILITIES_DIR / f"{pair[1]}.npz").is_file()
+    )
     if problems:
         raise InputError(problems)
 

@@ -55,6 +55,9 @@ def test_evaluates_the_folds_validation_cases_on_their_own_grid(trained_fold, sy
     summary = json.loads((evaluation_dir / "summary.json").read_text())
     assert summary["num_cases"] == len(validation)
     assert (evaluation_dir / "summary.csv").is_file()
+    # The post-processing the label maps had, for scripts.tune_postprocessing: none, evaluation's default.
+    inference = json.loads((evaluation_dir / "inference.json").read_text())
+    assert inference["settings"] == {"min_component_voxels": 0, "min_et_fraction": 0.0}
 
     # The report lists every validation case and draws each (two cases, fewer than the three worst) over its images.
     report = (evaluation_dir / "report.md").read_text()

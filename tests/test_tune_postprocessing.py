@@ -243,6 +243,26 @@ def test_falls_back_to_label_maps_without_probabilities(synthetic_dataset, synth
     assert tuned(synthetic_dataset, synthetic_datalist, evaluated_fold, num_workers=2) == record
 
 
+def test_refuses_label_maps_that_evaluation_post_processed(synthetic_dataset, synthetic_datalist, evaluated_fold):
+    """evaluate.yaml records its post-processing in inference.json: tuning on label maps it changed would start from
+    post-processed scores. Probabilities are the network's own whatever it records."""
+
+    def evaluated_with(settings: dict) -> None:
+        (evaluated_fold / "inference.json").write_text(json.dumps({"written": 2, "settings": settings}))
+
+    evaluated_with({"min_component_voxels": [0, 0, 0], "min_et_fraction": 0.04})
+    assert tuned(synthetic_dataset, synthetic_datalist, evaluated_fold)["sources"]["label map"] == 0
+    sorted((evaluated_fold / "probabilities").iterdir())[0].unlink()
+    with pytest.raises(InputError) as raised:
+        tuned(synthetic_dataset, synthetic_datalist, evaluated_fold)
+    assert raised.value.problems == [
+        f"{evaluated_fold}: its label maps were post-processed (min_et_fraction 0.04) and it saved no probabilities "
+        f"to tune on: evaluate the fold again with --probabilities_dir {evaluated_fold / 'probabilities'}"
+    ]
+    evaluated_with({"min_component_voxels": [0, 0, 0], "min_et_fraction": 0.0})
+    assert tuned(synthetic_dataset, synthetic_datalist, evaluated_fold)["sources"]["label map"] == 1
+
+
 def test_refuses_cases_of_another_fold_and_unreadable_probabilities(
     synthetic_dataset, synthetic_datalist, evaluated_fold
 ):
