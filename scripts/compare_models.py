@@ -23,25 +23,35 @@ import torch
 
 from scripts.atomic import write_text_atomic
 from scripts.errors import InputError, exit_on_input_error
+from scripts.evaluate import PER_CASE_FILE
 
 # Buffers that a state dict holds beside the parameters (Swin UNETR's relative position indices are integers).
 NOT_PARAMETERS = ("running_mean", "running_var")
 
 
 def run_files(evaluation: str) -> tuple[str, ...]:
-    return (f"{evaluation}/summary.json", f"{evaluation}/inference.json", "metrics.csv", "model.pt")
+    return (
+        f"{evaluation}/summary.json",
+        f"{evaluation}/{PER_CASE_FILE}",
+        f"{evaluation}/inference.json",
+        "metrics.csv",
+        "model.pt",
+    )
 
 
 def read_run(run_dir: Path, evaluation: str = "evaluation") -> dict:
     """The figures of one evaluated training run, its scores from the folder `evaluation`."""
-    summary_file, inference_file, metrics_file, weights_file = run_files(evaluation)
+    summary_file, per_case_file, inference_file, metrics_file, weights_file = run_files(evaluation)
     summary = json.loads((run_dir / summary_file).read_text())
+    with open(run_dir / per_case_file, newline="") as file:
+        cases = {row["case"] for row in csv.DictReader(file)}
     inference = json.loads((run_dir / inference_file).read_text())
     with open(run_dir / metrics_file, newline="") as file:
         epochs = list(csv.DictReader(file))
     weights = torch.load(run_dir / weights_file, map_location="cpu", weights_only=True)
     return {
         "summary": summary,
+        "cases": cases,
         "dice": {
             region: (scores["legacy_dice"]["mean"], scores["lesionwise_dice"]["mean"])
             for region, scores in summary["regions"].items()
@@ -114,12 +124,17 @@ def compare_models(
     if problems:
         raise InputError(problems)
     runs = {name: read_run(path, evaluation) for name, path in zip(names, paths, strict=True)}
-    first = next(iter(runs.values()))["summary"]
+    first = next(iter(runs.values()))
     keys = ("num_cases", "challenge", "label_scheme")
     for name, run in runs.items():
         scored = [run["summary"][key] for key in keys]
-        if scored != [first[key] for key in keys]:
+        if scored != [first["summary"][key] for key in keys]:
             problems.append(f"{name}: scored {scored} (cases, rules, labels), unlike the first run")
+        elif run["cases"] != first["cases"]:
+            others, missing = sorted(run["cases"] - first["cases"]), sorted(first["cases"] - run["cases"])
+            problems.append(
+                f"{name}: scored other cases than the first run ({', '.join(others)} for {', '.join(missing)})"
+            )
     if problems:
         raise InputError(problems)
     table = comparison_table(runs)

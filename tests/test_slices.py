@@ -210,6 +210,14 @@ def test_compare_models_tables_each_runs_scores_time_size_and_memory(unet2d_fold
     (other_cases / "evaluation" / "summary.json").write_text(json.dumps(summary | {"num_cases": 7}))
     with pytest.raises(InputError, match="unlike the first run"):
         compare_models([output_dir, other_cases])
+    (other_cases / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    per_case = other_cases / "evaluation" / "metrics_per_case.csv"
+    first_case = per_case.read_text().splitlines()[1].split(",")[0]
+    per_case.write_text(per_case.read_text().replace(first_case, "BraTS-PED-09999-000"))
+    with pytest.raises(
+        InputError, match=f"scored other cases than the first run \\(BraTS-PED-09999-000 for {first_case}\\)"
+    ):
+        compare_models([output_dir, other_cases])
     # Scores of another evaluation of the same run (e.g. with post-processing): --evaluation names its folder.
     shutil.copytree(output_dir / "evaluation", other_cases / "evaluation_postprocessed")
     rescored = json.loads(json.dumps(summary))
