@@ -374,7 +374,8 @@ class LoadCaseImaged(LoadImaged):
             if len(paths) == 1 and key not in self.label_keys and array.ndim == 4:
                 # One stacked file: each channel is a modality.
                 channels_last = np.moveaxis(array, 0, -1) if self._loader.ensure_channel_first else array
-                problems += [f"{case_id_from_path(paths[0])}: {paths[0]}: {p}" for p in channel_problems(channels_last)]
+                case = stacked_case(paths[0])["case"]
+                problems += [f"{case}: {paths[0]}: {problem}" for problem in channel_problems(channels_last)]
                 continue
             volumes = [(paths[0], array)] if len(paths) == 1 else zip(paths, array, strict=True)
             for path, volume in volumes:
