@@ -5,18 +5,26 @@ OpenVINO is optional (``pip install openvino==2026.4.1``, the version the tests 
 again after its weights change in place (MONAI Label loads another model file into the same module). A converted
 model has fixed shapes, so windows of a batch run one at a time through a model of batch 1: a last, smaller batch of
 the sliding window then needs no conversion of its own.
+
+With a cache folder, a later process skips both steps: the converted model is kept there as OpenVINO IR
+(``<fingerprint>.xml`` and ``.bin``, named by a hash of the weights, the window shape and both versions; the
+weights go in place before the ``.xml`` that marks the pair complete), and OpenVINO's own model caching keeps the
+compiled model beside it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from scripts.atomic import atomic_output, remove_stale_temporaries
 from scripts.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -55,9 +63,11 @@ class OpenVINONetwork:
         self.config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[dtype], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            self.config["CACHE_DIR"] = str(cache_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.cache_dir)
+            self.config["CACHE_DIR"] = str(self.cache_dir)
         self._weights: tuple | None = None
         self._compiled: dict[tuple[int, ...], object] = {}
 
@@ -85,18 +95,58 @@ class OpenVINONetwork:
         # The compiled model returns copies of its output buffers (share_outputs=False).
         return torch.cat([torch.from_numpy(compiled(batch[index : index + 1])[0]) for index in range(len(batch))])
 
+    def fingerprint(self, shape: tuple[int, ...]) -> str:
+        """What the converted model depends on: the weights (names, types, shapes, values), the window shape and the
+        versions of torch and OpenVINO."""
+        import openvino
+
+        digest = hashlib.blake2b(f"{shape} {torch.__version__} {openvino.get_version()}".encode(), digest_size=16)
+        for name, tensor in self.network.state_dict().items():
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def _compile(self, shape: tuple[int, ...]):
         import openvino
 
         start = time.perf_counter()
+        core = openvino.Core()
+        path = self.cache_dir / f"{self.fingerprint(shape)}.xml" if self.cache_dir is not None else None
+        model = None
+        if path is not None and path.is_file():
+            try:
+                model, done = core.read_model(path), f"read from {path}"
+            except RuntimeError as error:  # e.g. its .bin damaged since: converted again below
+                logger.warning(f"OpenVINO could not read {path} ({error}); converting the network again")
+        if model is None:
+            model, done = self._convert(shape), "converted"
+            if path is not None:
+                self._keep(model, path)
+        compiled = core.compile_model(model, "CPU", self.config)
+        logger.info(
+            f"OpenVINO {openvino.get_version()}: network {done} and compiled for windows of {list(shape[2:])} in "
+            f"{time.perf_counter() - start:.1f} s ({self.config['INFERENCE_PRECISION_HINT']})"
+        )
+        return compiled
+
+    def _convert(self, shape: tuple[int, ...]):
+        import openvino
+
         self.network.eval()
         # Traced in fp32 and without gradients, whatever the caller's autocast: OpenVINO applies the precision hint.
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             program = torch.export.export(self.network, (torch.zeros(shape),))
-        model = openvino.convert_model(program)
-        compiled = openvino.Core().compile_model(model, "CPU", self.config)
-        logger.info(
-            f"OpenVINO {openvino.get_version()}: network converted and compiled for windows of "
-            f"{list(shape[2:])} in {time.perf_counter() - start:.1f} s ({self.config['INFERENCE_PRECISION_HINT']})"
-        )
-        return compiled
+        return openvino.convert_model(program)
+
+    @staticmethod
+    def _keep(model, path: Path) -> None:
+        """Save `model` as `path` (.xml) and its .bin: the weights in place first, so that an .xml is never without
+        them; a run killed meanwhile leaves temporaries that the next one removes."""
+        import openvino
+
+        with atomic_output(path, suffix=".xml") as temporary:
+            try:
+                openvino.save_model(model, temporary, compress_to_fp16=False)  # fp32 weights, as trained
+                os.replace(temporary.with_suffix(".bin"), path.with_suffix(".bin"))
+            finally:
+                temporary.with_suffix(".bin").unlink(missing_ok=True)

@@ -523,6 +523,37 @@ def test_openvino_backend_follows_weights_loaded_into_the_same_network(caplog):
     assert len(compiled) == 2 and all("for windows of [16, 16, 16]" in record.message for record in compiled)
 
 
+def test_openvino_cache_folder_keeps_the_converted_network_for_later_runs(tmp_path, caplog):
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(4, 3, kernel_size=3, padding=1).eval()
+    image = torch.randn(1, 4, 16, 16, 16)
+    killed = leave_a_temporary(tmp_path / "model.xml")
+
+    def run() -> tuple[torch.Tensor, str]:
+        """A new wrapper, as in a new process: (output, how the model was made)."""
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level(logging.INFO, logger="scripts.openvino_network"):
+            output = OpenVINONetwork(network, cache_dir=tmp_path)(image)
+        return output, caplog.text
+
+    def kept() -> list[str]:
+        return sorted(path.name for path in tmp_path.iterdir() if path.suffix in (".xml", ".bin"))
+
+    first, made = run()
+    assert "network converted and compiled" in made and not killed.exists()
+    (stem,) = {name.rsplit(".", 1)[0] for name in kept()}
+    assert kept() == [f"{stem}.bin", f"{stem}.xml"]
+    again, made = run()
+    assert f"network read from {tmp_path / stem}.xml" in made and torch.equal(again, first)
+    (tmp_path / f"{stem}.bin").write_bytes(b"damaged")
+    again, made = run()
+    assert "could not read" in made and "network converted" in made and torch.equal(again, first)
+    network.load_state_dict({name: -value for name, value in network.state_dict().items()})
+    other, made = run()
+    assert "network converted" in made and len(kept()) == 4  # other weights: another model beside the first
+    torch.testing.assert_close(other, -first, rtol=0, atol=1e-5)
+
+
 def test_openvino_backend_writes_the_labels_of_the_torch_backend(brats_dataset, detector_checkpoint, tmp_path):
     for backend in ("torch", "openvino"):
         summary = run_inference(
