@@ -46,8 +46,8 @@ def require_openvino() -> None:
 
 class OpenVINONetwork:
     """Call as the torch `network` on CPU tensors; returns float32 outputs, computed by OpenVINO at `dtype`
-    (None: fp32) with `threads` (None: OpenVINO's default, one per core). With `cache_dir`, OpenVINO keeps each
-    compiled model there and a later process loads it instead of compiling again (its model caching)."""
+    (None: fp32) with `threads` (None: OpenVINO's default, one per core). With `cache_dir`, the converted and the
+    compiled models are kept there for later processes (module docstring)."""
 
     def __init__(
         self,
