@@ -111,18 +111,22 @@ class OpenVINONetwork:
 
         start = time.perf_counter()
         core = openvino.Core()
-        path = self.cache_dir / f"{self.fingerprint(shape)}.xml" if self.cache_dir is not None else None
-        model = None
-        if path is not None and path.is_file():
+        if self.cache_dir is None:
+            compiled, done = core.compile_model(self._convert(shape), "CPU", self.config), "converted"
+        else:
+            # Compiled from the file, also right after converting: OpenVINO's compiled-model cache is keyed by it, and
+            # a later run then loads the compiled model without reading the network at all.
+            path = self.cache_dir / f"{self.fingerprint(shape)}.xml"
+            done = f"read from {path}"
+            if not path.is_file():
+                self._keep(self._convert(shape), path)
+                done = f"converted into {path}"
             try:
-                model, done = core.read_model(path), f"read from {path}"
-            except RuntimeError as error:  # e.g. its .bin damaged since: converted again below
+                compiled = core.compile_model(str(path), "CPU", self.config)
+            except RuntimeError as error:  # damaged since it was written: converted again
                 logger.warning(f"OpenVINO could not read {path} ({error}); converting the network again")
-        if model is None:
-            model, done = self._convert(shape), "converted"
-            if path is not None:
-                self._keep(model, path)
-        compiled = core.compile_model(model, "CPU", self.config)
+                self._keep(self._convert(shape), path)
+                compiled, done = core.compile_model(str(path), "CPU", self.config), f"converted into {path}"
         logger.info(
             f"OpenVINO {openvino.get_version()}: network {done} and compiled for windows of {list(shape[2:])} in "
             f"{time.perf_counter() - start:.1f} s ({self.config['INFERENCE_PRECISION_HINT']})"

@@ -540,17 +540,19 @@ def test_openvino_cache_folder_keeps_the_converted_network_for_later_runs(tmp_pa
         return sorted(path.name for path in tmp_path.iterdir() if path.suffix in (".xml", ".bin"))
 
     first, made = run()
-    assert "network converted and compiled" in made and not killed.exists()
+    assert "network converted into" in made and not killed.exists()
     (stem,) = {name.rsplit(".", 1)[0] for name in kept()}
     assert kept() == [f"{stem}.bin", f"{stem}.xml"]
     again, made = run()
     assert f"network read from {tmp_path / stem}.xml" in made and torch.equal(again, first)
-    (tmp_path / f"{stem}.bin").write_bytes(b"damaged")
+    assert len(list(tmp_path.glob("*.blob"))) == 1  # OpenVINO's compiled model: the first run's, loaded again
+    (tmp_path / f"{stem}.xml").write_text("damaged")
     again, made = run()
-    assert "could not read" in made and "network converted" in made and torch.equal(again, first)
+    assert "could not read" in made and "network converted into" in made and torch.equal(again, first)
+    assert kept() == [f"{stem}.bin", f"{stem}.xml"]
     network.load_state_dict({name: -value for name, value in network.state_dict().items()})
     other, made = run()
-    assert "network converted" in made and len(kept()) == 4  # other weights: another model beside the first
+    assert "network converted into" in made and len(kept()) == 4  # other weights: another model beside the first
     torch.testing.assert_close(other, -first, rtol=0, atol=1e-5)
 
 
