@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -246,8 +245,8 @@ class EnsembleInferer(Inferer):
         self.backend = backend
         self.threads = threads
         self.openvino_cache_dir = openvino_cache_dir
-        # Each network's OpenVINO model, kept from case to case while the network lives.
-        self._openvino: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # The OpenVINO model of each network of the last call, kept for the next case.
+        self._openvino: dict[Callable, OpenVINONetwork] = {}
         axes = sorted({axis + 2 for axis in mirror_axes})  # batch and channel come first
         self.flips = [list(dims) for n in range(len(axes) + 1) for dims in itertools.combinations(axes, n)]
 
@@ -255,9 +254,7 @@ class EnsembleInferer(Inferer):
         """`network` run at this inferer's precision and memory format, returning float32."""
         dtype = autocast_dtype(self.precision, device_type)
         if self.backend == "openvino":
-            if network not in self._openvino:
-                self._openvino[network] = OpenVINONetwork(network, dtype, self.threads, self.openvino_cache_dir)
-            return self._openvino[network]
+            return self._openvino.get(network) or OpenVINONetwork(network, dtype, self.threads, self.openvino_cache_dir)
         if isinstance(network, torch.nn.Module):
             chunk_window_attention(network, self.attention_windows)
 
@@ -272,15 +269,17 @@ class EnsembleInferer(Inferer):
         return run
 
     def __call__(self, inputs: torch.Tensor, network: Callable | None = None, *args, **kwargs) -> torch.Tensor:
-        networks = [self._at_precision(net, inputs.device.type) for net in self.networks or [network]]
+        runs = {net: self._at_precision(net, inputs.device.type) for net in self.networks or [network]}
+        if self.backend == "openvino":  # only these: a network handed in before (MONAI Label's last) is let go
+            self._openvino = runs
         total = None
-        for net in networks:
+        for run in runs.values():
             for dims in self.flips:
                 flipped = torch.flip(inputs, dims) if dims else inputs
-                probability = torch.sigmoid(self.inferer(flipped, net, *args, **kwargs))
+                probability = torch.sigmoid(self.inferer(flipped, run, *args, **kwargs))
                 probability = torch.flip(probability, dims) if dims else probability
                 total = probability if total is None else total + probability
-        return total / (len(networks) * len(self.flips))
+        return total / (len(runs) * len(self.flips))
 
 
 class CasePredictor:

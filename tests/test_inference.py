@@ -4,11 +4,13 @@ and checkpoint loading."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import nibabel as nib
@@ -521,6 +523,20 @@ def test_openvino_backend_follows_weights_loaded_into_the_same_network(caplog):
         openvino(image, network)
     compiled = [record for record in caplog.records if "converted and compiled" in record.message]
     assert len(compiled) == 2 and all("for windows of [16, 16, 16]" in record.message for record in compiled)
+
+
+def test_openvino_backend_lets_go_of_a_network_no_longer_handed_in():
+    """MONAI Label may hand the inferer a new network object: the old one and its OpenVINO model are not kept."""
+    image = torch.randn(1, 4, 16, 16, 16)
+    inferer = EnsembleInferer(SimpleInferer(), backend="openvino")
+    first = torch.nn.Conv3d(4, 3, kernel_size=1).eval()
+    with torch.no_grad():
+        inferer(image, first)
+        gone = weakref.ref(first)
+        del first
+        inferer(image, torch.nn.Conv3d(4, 3, kernel_size=1).eval())
+    gc.collect()
+    assert gone() is None
 
 
 def test_openvino_cache_folder_keeps_the_converted_network_for_later_runs(tmp_path, caplog):
