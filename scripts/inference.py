@@ -251,7 +251,7 @@ class EnsembleInferer(Inferer):
         self.flips = [list(dims) for n in range(len(axes) + 1) for dims in itertools.combinations(axes, n)]
 
     def _at_precision(self, network: Callable, device_type: str) -> Callable:
-        """`network` run at this inferer's precision and memory format, returning float32."""
+        """`network` run at this inferer's precision and memory format (or by OpenVINO), returning float32."""
         dtype = autocast_dtype(self.precision, device_type)
         if self.backend == "openvino":
             return self._openvino.get(network) or OpenVINONetwork(network, dtype, self.threads, self.openvino_cache_dir)
